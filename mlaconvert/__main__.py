@@ -1,0 +1,3 @@
+from mlaconvert.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""Model configuration: the Wan2.1 DiT hyper-parameters and, for converted models, the MLA block.
+
+`config.json` uses Wan's native field names (`dim`, `ffn_dim`, `num_heads`, ...) so an export reads like the
+official checkpoints; fields the official config leaves out (`patch_size`, `qk_norm`, `text_dim`, ...) take
+Wan's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlaconvert.errors import MlaconvertError
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """How self-attention was turned into latent attention (see DESIGN §3)."""
+
+    dc: tuple[int, ...]  # latent width per layer
+    rope_dim: int  # width of the shared, unrotated rope key r
+    nope_dim: int  # head_dim - rope_dim: per-head content key width
+    q_rank: int | None = None  # low-rank query (W_q_up W_q_down), None = full
+    rope_pairs: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()  # per layer, per axis
+    init: str = "svd"
+    seed: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+    mlaconvert_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dc"] = list(self.dc)
+        d["rope_pairs"] = [[list(axis) for axis in layer] for layer in self.rope_pairs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["dc"] = tuple(int(x) for x in d["dc"])
+        d["rope_pairs"] = tuple(tuple(tuple(int(i) for i in axis) for axis in layer) for layer in d.get("rope_pairs", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Hyper-parameters of a Wan2.1-architecture DiT. Defaults are Wan2.1-T2V-1.3B."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_theta: float = 10000.0
+    mla: MLAConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise MlaconvertError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise MlaconvertError(f"head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_axis_dims(self) -> tuple[int, int, int]:
+        """Head dims rotated by frame, row and column (Wan: 44/42/42 for head_dim 128)."""
+        return rope_axis_split(self.head_dim)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.mla is not None
+
+    def kv_values_per_token(self, layer: int = 0) -> int:
+        """Cached values per token and layer: 2*H*head_dim dense, dc + rope_dim latent."""
+        if self.mla is None:
+            return 2 * self.dim
+        return self.mla.dc[layer] + self.mla.rope_dim
+
+    def replace(self, **changes: Any) -> WanConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"_class_name": "WanModel", "model_type": "t2v"}
+        for f in dataclasses.fields(self):
+            if f.name == "mla":
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        if self.mla is not None:
+            d["_class_name"] = "WanMLAModel"
+            d["mla"] = self.mla.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WanConfig:
+        """Read a native Wan `config.json` (or an mlaconvert export's); unknown fields are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"mla"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
+        if "qk_norm" in kwargs:
+            kwargs["qk_norm"] = bool(kwargs["qk_norm"])
+        mla = MLAConfig.from_dict(d["mla"]) if d.get("mla") else None
+        return cls(**kwargs, mla=mla)
+
+
+def rope_axis_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of a rotary width over (frame, row, column): row = column = 2*(d//6), frame gets the rest."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+PRESETS: dict[str, WanConfig] = {
+    "wan2.1-1.3b": WanConfig(),
+    "wan2.1-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+def preset(name: str) -> WanConfig:
+    key = name.lower()
+    if key not in PRESETS:
+        raise MlaconvertError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[key]

@@ -1,0 +1,351 @@
+"""`convert`: a dense Wan checkpoint -> an MLA model, its measured quality, and the export folder.
+
+The pipeline: load the dense source, run a calibration pass (unless told not to), factorise every layer's
+self-attention (factorize.py), assemble the MLA state dict — every tensor outside self-attention is the
+source's own tensor, untouched — measure the conversion on the calibration tokens, and write the export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlaconvert import __version__
+from mlaconvert.calibration import Calibration, calibrate, check_fits
+from mlaconvert.config import MLAConfig, WanConfig
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.factorize import LayerFactors, factorize_layer, rope_quota
+from mlaconvert.formats import Checkpoint
+from mlaconvert.model import DenseSelfAttention, LatentSelfAttention, load_model
+from mlaconvert.rank import truncation_at
+
+INITS = ("svd", "asvd", "random")
+
+
+@dataclass
+class ConvertSettings:
+    dc: int | list[int] | str = 192  # one width, one per layer, or "auto" (from the spectra at `energy`)
+    rope_dim: int = 32
+    init: str = "svd"
+    q_rank: int | None = None
+    seed: int = 0
+    energy: float = 0.99
+    measure: bool = True  # calibration pass to measure K/V/attention error (always done for asvd)
+    calib_frames: int = 3
+    calib_height: int = 16
+    calib_width: int = 16
+
+
+@dataclass
+class Conversion:
+    config: WanConfig
+    state_dict: dict[str, torch.Tensor]
+    layers: list[dict[str, Any]]  # per-layer measurements for the rank report
+    calibration: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def parse_dc(text: str) -> int | list[int] | str:
+    """--dc: an integer, `auto`, a comma-separated list, or a .json/.toml file holding a list (or {dc = [...]})."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)+", text):
+        return [int(x) for x in text.split(",")]
+    path = Path(text)
+    if not path.is_file():
+        raise MlaconvertError(f"--dc must be an integer, 'auto', a comma list, or a .json/.toml file (got '{text}')")
+    try:
+        data: Any = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise MlaconvertError(f"could not parse --dc file '{path}': {e}") from None
+    if isinstance(data, dict):
+        data = data.get("dc")
+    if not isinstance(data, list) or not all(isinstance(x, int) for x in data):
+        raise MlaconvertError(f"--dc file '{path}' must hold a list of integers (or a table with dc = [...])")
+    return data
+
+
+def _layer_dcs(settings: ConvertSettings, config: WanConfig) -> list[int | None]:
+    dc = settings.dc
+    if dc == "auto":
+        return [None] * config.num_layers
+    if isinstance(dc, int):
+        dc = [dc] * config.num_layers
+    if len(dc) != config.num_layers:
+        raise MlaconvertError(f"--dc lists {len(dc)} widths but the model has {config.num_layers} layers")
+    for d in dc:
+        if d <= 0 or d > config.dim:
+            raise MlaconvertError(f"--dc {d} is outside the rank budget 1..{config.dim} of the joint [W_K; W_V] (dim {config.dim})")
+    return list(dc)
+
+
+def check_settings(settings: ConvertSettings, config: WanConfig) -> None:
+    """Every option problem is reported before any heavy work starts."""
+    if config.is_mla:
+        raise MlaconvertError("the source is already an MLA export; convert needs a dense Wan model")
+    if not config.qk_norm:
+        raise MlaconvertError("convert needs a model with Wan's q/k RMS norm (qk_norm); this one has none")
+    if settings.init not in INITS:
+        raise MlaconvertError(f"--init must be one of {', '.join(INITS)} (got '{settings.init}')")
+    if not 0 < settings.energy <= 1:
+        raise MlaconvertError(f"--energy must be in (0, 1] (got {settings.energy})")
+    rope_quota(config.head_dim, settings.rope_dim)
+    if settings.q_rank is not None and not 0 < settings.q_rank <= config.dim:
+        raise MlaconvertError(f"--q-rank {settings.q_rank} is outside 1..{config.dim} (the model dim)")
+    _layer_dcs(settings, config)
+
+
+def _attn_weights(state_dict: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    prefix = f"blocks.{layer}.self_attn."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def convert_model(
+    checkpoint: Checkpoint,
+    settings: ConvertSettings,
+    *,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[str, int, int], None] | None = None,
+) -> Conversion:
+    """Factorise every layer of a dense checkpoint. `on_step(stage, done, total)` reports progress."""
+    config = checkpoint.config
+    check_settings(settings, config)
+    device = torch.device(device)
+    dcs = _layer_dcs(settings, config)
+    seconds: dict[str, float] = {}
+    notify = on_step or (lambda *_: None)
+
+    calib: Calibration | None = None
+    dense = None
+    if settings.measure or settings.init == "asvd":
+        start = time.perf_counter()
+        model_bytes = sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values())
+        check_fits(model_bytes, device)
+        notify("calibration", 0, 1)
+        dense = load_model(config, checkpoint.state_dict, device=device).eval()
+        calib = calibrate(
+            dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed
+        )
+        seconds["calibration"] = time.perf_counter() - start
+        notify("calibration", 1, 1)
+
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(settings.seed)
+    factors: list[LayerFactors] = []
+    for i in range(config.num_layers):
+        attn = {k: v.to(device) for k, v in _attn_weights(checkpoint.state_dict, i).items()}
+        moment = calib.second_moments[i].to(device) if calib is not None and settings.init == "asvd" else None
+        dc = dcs[i]
+        f = factorize_layer(
+            attn, num_heads=config.num_heads, dc=dc, rope_dim=settings.rope_dim, q_rank=settings.q_rank,
+            init=settings.init, second_moment=moment, generator=generator, energy=settings.energy,
+        )
+        factors.append(f)
+        notify("factorise", i + 1, config.num_layers)
+    seconds["factorise"] = time.perf_counter() - start
+
+    mla = MLAConfig(
+        dc=tuple(f.weights["kv_down.weight"].shape[0] for f in factors),
+        rope_dim=settings.rope_dim,
+        nope_dim=config.head_dim - settings.rope_dim,
+        q_rank=settings.q_rank,
+        rope_pairs=tuple(f.rope_pairs for f in factors),
+        init=settings.init,
+        seed=settings.seed,
+        source=_source_record(checkpoint),
+        mlaconvert_version=__version__,
+    )
+    mla_config = config.replace(mla=mla)
+    state = {k: v for k, v in checkpoint.state_dict.items() if ".self_attn." not in k}
+    for i, f in enumerate(factors):
+        state.update({f"blocks.{i}.self_attn.{k}": v.detach().to("cpu").contiguous() for k, v in f.weights.items()})
+
+    start = time.perf_counter()
+    layers = []
+    for i, f in enumerate(factors):
+        entry = {
+            "index": i,
+            "dc": mla.dc[i],
+            "rope_pairs": {"frame": list(f.rope_pairs[0]), "row": list(f.rope_pairs[1]), "column": list(f.rope_pairs[2])},
+            "rope_energy_kept": f.rope_energy_kept,
+            "key_scale": f.key_scale,
+            "cached_values_per_token": {"dense": 2 * config.dim, "mla": mla.dc[i] + mla.rope_dim},
+        }
+        energy_at, error_at = truncation_at(f.kv_singular_values.numpy(), mla.dc[i])
+        entry["spectral_prediction"] = {"energy_at_dc": energy_at, "spectral_error_at_dc": error_at, "weighted": settings.init == "asvd"}
+        if calib is not None:
+            entry["measured"] = measure_layer(
+                _attn_weights(checkpoint.state_dict, i), f, calib.samples[i], config, mla_config, i
+            )
+        layers.append(entry)
+        notify("measure", i + 1, config.num_layers)
+    seconds["measure"] = time.perf_counter() - start
+    return Conversion(
+        config=mla_config,
+        state_dict=state,
+        layers=layers,
+        calibration=calib.description if calib else None,
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def measure_layer(
+    dense_weights: dict[str, torch.Tensor],
+    factors: LayerFactors,
+    samples: list[tuple[torch.Tensor, torch.Tensor]],
+    config: WanConfig,
+    mla_config: WanConfig,
+    layer: int,
+) -> dict[str, Any]:
+    """Relative errors of the pre-norm keys, values and attention output on calibration tokens (float32)."""
+    dense = DenseSelfAttention(config).float()
+    dense.load_state_dict({k: v.float() for k, v in dense_weights.items()})
+    latent = LatentSelfAttention(mla_config, layer).float()
+    latent.load_state_dict({k: v.float() for k, v in factors.weights.items()})
+    h, hd = config.num_heads, config.head_dim
+    rope = [p for axis in factors.rope_pairs for p in axis]
+    content = [p for p in range(hd // 2) if p not in set(rope)]
+    g_k = dense.norm_k.weight.view(h, hd // 2, 2)
+    num = {"k": 0.0, "v": 0.0, "attn": 0.0}
+    den = {"k": 0.0, "v": 0.0, "attn": 0.0}
+    latents = []
+    for x, positions in samples:
+        k_true = dense.k(x).view(*x.shape[:-1], h, hd // 2, 2)
+        c, r = latent.entries(x)
+        latents.append(c.reshape(-1, c.shape[-1]))
+        k_hat = torch.empty_like(k_true)
+        k_hat[..., content, :] = latent.k_up(c).view(*x.shape[:-1], h, len(content), 2)
+        r_c = torch.complex(*r.view(*x.shape[:-1], 1, len(rope), 2).unbind(-1))
+        prod = factors.alpha.to(r_c.dtype) * r_c  # (..., H, R): the post-norm-weight key each head gets
+        k_hat[..., rope, :] = torch.stack([prod.real, prod.imag], dim=-1) / g_k[:, rope]
+        v_true, v_hat = dense.v(x), latent.v_up(c)
+        a_true, a_hat = dense(x, positions), latent(x, positions)
+        for key, (t, e) in {"k": (k_true, k_hat), "v": (v_true, v_hat), "attn": (a_true, a_hat)}.items():
+            num[key] += float((t - e).pow(2).sum())
+            den[key] += float(t.pow(2).sum())
+    out: dict[str, Any] = {f"{k}_error": math.sqrt(num[k] / den[k]) if den[k] else 0.0 for k in num}
+    out["latents"] = torch.cat(latents)
+    return out
+
+
+def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    info = checkpoint.info or {}
+    return {
+        "repo": info.get("repo_id") or info.get("spec"),
+        "revision": info.get("revision"),
+        "format": checkpoint.format,
+        "path": str(info.get("path", "")),
+        "sha256": weights_sha256(checkpoint.files),
+    }
+
+
+def weights_sha256(files: list[Path]) -> str | None:
+    """SHA-256 over the weight files in order; a Hub cache blob is named by its hash already, so it is reused."""
+    if not files:
+        return None
+    digests = []
+    for f in files:
+        target = Path(f).resolve()
+        if re.fullmatch(r"[0-9a-f]{64}", target.name):
+            digests.append(target.name)
+            continue
+        h = hashlib.sha256()
+        with open(target, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        digests.append(h.hexdigest())
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def conversion_report(checkpoint: Checkpoint, conversion: Conversion, settings: ConvertSettings) -> dict[str, Any]:
+    """The analyze report of the dense source, extended per layer with what the conversion did and measured."""
+    from mlaconvert.rank import build_report, mla_utilisation
+
+    dcs = conversion.config.mla.dc
+    uniform = dcs[0] if len(set(dcs)) == 1 else None
+    report = build_report(checkpoint.config, checkpoint.state_dict, dc=uniform, energy=settings.energy, source_info=checkpoint.info)
+    for entry, layer in zip(report["layers"], conversion.layers):
+        measured = dict(layer.get("measured", {}))
+        latents = measured.pop("latents", None)
+        weights = _attn_weights(conversion.state_dict, layer["index"])
+        mla = {k: v for k, v in layer.items() if k not in ("index", "measured")}
+        if measured:
+            mla["measured"] = measured
+        mla["utilisation"] = mla_utilisation(weights, latents=latents, energy=settings.energy)
+        entry["mla"] = mla
+    dense_total = 2 * checkpoint.config.dim * checkpoint.config.num_layers
+    mla_total = sum(d + conversion.config.mla.rope_dim for d in dcs)
+    report["dc"] = uniform if uniform is not None else list(dcs)
+    report["cache"].update({
+        "rope_dim": conversion.config.mla.rope_dim,
+        "mla_values_per_token": [d + conversion.config.mla.rope_dim for d in dcs],
+        "dense_values_per_token_all_layers": dense_total,
+        "mla_values_per_token_all_layers": mla_total,
+        "reduction": 1 - mla_total / dense_total,
+    })
+    report["conversion"] = {
+        "init": settings.init,
+        "rope_dim": settings.rope_dim,
+        "q_rank": settings.q_rank,
+        "seed": settings.seed,
+        "calibration": conversion.calibration,
+        "seconds": {k: round(v, 3) for k, v in conversion.seconds.items()},
+    }
+    return report
+
+
+def convert_source(
+    source: str,
+    output: str | Path,
+    settings: ConvertSettings,
+    *,
+    force: bool = False,
+    config: str | None = None,
+    head_dim: int = 128,
+    device: str | None = None,
+) -> tuple[Conversion, dict[str, Any]]:
+    """Load SOURCE, convert it, and write the export folder `output` (atomically; refuses to overwrite without force)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mlaconvert.export import write_export
+    from mlaconvert.hub import load_source
+    from mlaconvert.outputs import check_writable
+
+    output = Path(output)
+    check_writable(output, force)
+    checkpoint = load_source(source, config=config, head_dim=head_dim)
+    check_settings(settings, checkpoint.config)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_step(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        conversion = convert_model(checkpoint, settings, device=dev, on_step=on_step)
+        report = conversion_report(checkpoint, conversion, settings)
+    report["conversion"]["seconds"]["total"] = round(time.perf_counter() - start, 3)
+    report["conversion"]["device"] = str(dev)
+    write_export(output, conversion.config, conversion.state_dict, report, force=force)
+    return conversion, report

@@ -1,0 +1,45 @@
+"""Recipes: ready-made TOML files naming a source model and the settings of each stage.
+
+    source = "gdhe17/Self-Forcing/checkpoints/self_forcing_dmd.pt"
+    config = "wan2.1-1.3b"          # for checkpoints that carry no config
+    [convert]
+    dc = 192
+    rope_dim = 32
+    init = "svd"
+
+Command-line options given explicitly override the recipe; the recipe overrides the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from mlaconvert.errors import MlaconvertError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file; a bare name is looked up in the repository's recipes/ folder."""
+    p = Path(path)
+    if not p.exists() and not p.suffix and (RECIPES_DIR / f"{p}.toml").exists():
+        p = RECIPES_DIR / f"{p}.toml"
+    if not p.is_file():
+        raise MlaconvertError(f"no such recipe: '{path}'")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise MlaconvertError(f"recipe '{p}' is not valid TOML: {e}") from None
+
+
+def merge(settings_type: type, section: dict[str, Any], overrides: dict[str, Any], where: str) -> Any:
+    """Build `settings_type` (a dataclass) from a recipe section, then explicit (non-None) overrides."""
+    known = {f.name for f in fields(settings_type)}
+    unknown = set(section) - known
+    if unknown:
+        raise MlaconvertError(f"unknown setting(s) {', '.join(sorted(unknown))} in [{where}]; known: {', '.join(sorted(known))}")
+    values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+    return settings_type(**values)

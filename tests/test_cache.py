@@ -1,0 +1,92 @@
+"""The KV caches against the one-pass block-causal forward, for dense and latent attention alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlaconvert.cache import DenseKVCache, KVCache, LatentKVCache, cache_for
+from mlaconvert.convert import ConvertSettings, convert_model
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.hub import load_source
+from mlaconvert.model import WanModel, load_model
+
+FRAMES, CHUNK, H, W = 6, 2, 4, 6
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, WanModel]:
+    dense = load_source("builtin:tiny-wan")
+    mla = convert_model(dense, ConvertSettings(dc=48, rope_dim=16, measure=False))
+    return {
+        "dense": load_model(dense.config, dense.state_dict).eval(),
+        "mla": load_model(mla.config, mla.state_dict).eval(),
+    }
+
+
+def clip(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, FRAMES, H, W, generator=g), torch.randn(2, 32, 64, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind):
+    model = models[kind]
+    x, text = clip()
+    t = torch.tensor([[5.0] * FRAMES, [700.0] * FRAMES])
+    with torch.no_grad():
+        expected = model(x, t, text, chunk_frames=CHUNK)
+        cache = cache_for(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES)
+        got = []
+        for start in range(0, FRAMES, CHUNK):
+            sl = slice(start, start + CHUNK)
+            # A denoising step at another timestep first: it must leave no trace in the cache.
+            model(torch.randn_like(x[:, :, sl]), torch.full((2, CHUNK), 999.0), text, cache=cache.step(CHUNK, commit=False))
+            got.append(model(x[:, :, sl], t[:, sl], text, cache=cache.step(CHUNK, commit=True)))
+    torch.testing.assert_close(torch.cat(got, dim=2), expected, atol=2e-5, rtol=1e-5)
+    assert isinstance(cache, LatentKVCache if kind == "mla" else DenseKVCache)
+
+
+def test_latent_cache_stores_dc_plus_rope_values(models):
+    dense = cache_for(models["dense"], batch=1, frame_shape=(2, 3), window=4)
+    latent = cache_for(models["mla"], batch=1, frame_shape=(2, 3), window=4)
+    assert dense.values_per_token == [2 * 192] * 2
+    assert latent.values_per_token == [48 + 16] * 2
+    assert latent.nbytes * 6 == dense.nbytes
+
+
+def test_ring_buffer_keeps_sink_and_last_frames_with_their_positions(models):
+    cache = KVCache(models["dense"], batch=1, frame_shape=(1, 1), window=5, sink=1)
+    for _ in range(4):  # 8 frames in chunks of 2
+        step = cache.step(2, commit=True)
+    assert sorted(cache.slot_frame) == [0, 4, 5, 6, 7]
+    assert step.key_positions[:, 0].tolist() == [0, 5, 6, 7, 4]  # slot order: sink, then the ring
+    assert step.query_positions[:, 0].tolist() == [6, 7]
+    reindexed = KVCache(models["dense"], batch=1, frame_shape=(1, 1), window=5, sink=1, positions="reindex")
+    for _ in range(4):
+        step = reindexed.step(2, commit=True)
+    assert step.key_positions[:, 0].tolist() == [0, 2, 3, 4, 1]
+    assert step.query_positions[:, 0].tolist() == [3, 4]
+
+
+def test_reindexed_positions_equal_absolute_until_the_window_slides(models):
+    model = models["mla"]
+    x, text = clip(1)
+    t = torch.full((2, FRAMES), 250.0)
+    outs = {}
+    with torch.no_grad():
+        for mode in ("absolute", "reindex"):
+            cache = cache_for(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES, positions=mode)
+            outs[mode] = [model(x[:, :, s : s + CHUNK], t[:, :CHUNK], text, cache=cache.step(CHUNK, commit=True)) for s in range(0, FRAMES, CHUNK)]
+    for a, b in zip(outs["absolute"], outs["reindex"]):
+        assert torch.equal(a, b)
+
+
+def test_cache_rejects_bad_windows(models):
+    with pytest.raises(MlaconvertError, match="sink < window"):
+        KVCache(models["dense"], batch=1, frame_shape=(2, 2), window=3, sink=3)
+    cache = KVCache(models["dense"], batch=1, frame_shape=(2, 2), window=4, sink=2)
+    with pytest.raises(MlaconvertError, match="does not fit"):
+        cache.step(3, commit=False)
+    with pytest.raises(MlaconvertError, match="needs an MLA model"):
+        LatentKVCache(models["dense"], batch=1, frame_shape=(2, 2), window=4)

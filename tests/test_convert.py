@@ -1,0 +1,233 @@
+"""The conversion math (DESIGN §3 invariants) and the export contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from mlaconvert.config import MLAConfig, WanConfig
+from mlaconvert.convert import ConvertSettings, convert_model, convert_source, parse_dc
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.factorize import factorize_layer, rope_quota
+from mlaconvert.hub import load_source
+from mlaconvert.model import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.rope import grid_positions
+
+
+def dense_attention(heads: int, head_dim: int, seed: int = 0, shared_rope_direction: bool = False) -> DenseSelfAttention:
+    """A dense self-attention with non-trivial weights, biases and key/query norm weights."""
+    torch.manual_seed(seed)
+    dim = heads * head_dim
+    attn = DenseSelfAttention(WanConfig(dim=dim, num_heads=heads, ffn_dim=8, num_layers=1)).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+        attn.norm_q.weight.add_(1.0)
+        attn.norm_k.weight.add_(1.0)
+        if shared_rope_direction:
+            # Every head's key pair = a complex multiple of head 0's, as seen after the key-norm weight.
+            g = torch.rand(head_dim // 2, dtype=torch.float64) + 0.5
+            attn.norm_k.weight.copy_(g.repeat_interleave(2).repeat(heads))
+            w = attn.k.weight.view(heads, head_dim // 2, 2, dim)
+            b = attn.k.bias.view(heads, head_dim // 2, 2)
+            base_w, base_b = torch.complex(w[0, :, 0], w[0, :, 1]), torch.complex(b[0, :, 0], b[0, :, 1])
+            for h in range(1, heads):
+                a = torch.randn(head_dim // 2, dtype=torch.complex128)
+                zw, zb = a[:, None] * base_w, a * base_b
+                w[h, :, 0], w[h, :, 1], b[h, :, 0], b[h, :, 1] = zw.real, zw.imag, zb.real, zb.imag
+    return attn
+
+
+def latent_from(attn: DenseSelfAttention, heads: int, head_dim: int, dc: int, rope_dim: int, **kw):
+    factors = factorize_layer(dict(attn.state_dict()), num_heads=heads, dc=dc, rope_dim=rope_dim, **kw)
+    config = WanConfig(dim=heads * head_dim, num_heads=heads, ffn_dim=8, num_layers=1).replace(
+        mla=MLAConfig(dc=(dc,), rope_dim=rope_dim, nope_dim=head_dim - rope_dim, q_rank=kw.get("q_rank"), rope_pairs=(factors.rope_pairs,))
+    )
+    latent = LatentSelfAttention(config, 0).double()
+    latent.load_state_dict({k: v.double() for k, v in factors.weights.items()})
+    return latent, factors
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_one_head_full_rank_full_rope_is_exact(head_dim):
+    dense = dense_attention(1, head_dim)
+    latent, _ = latent_from(dense, 1, head_dim, dc=head_dim, rope_dim=head_dim)
+    x, pos = torch.randn(2, 3 * 4 * 5, head_dim, dtype=torch.float64), grid_positions(3, 4, 5, first_frame=7)
+    with torch.no_grad():
+        assert relative(latent(x, pos), dense(x, pos)) < 1e-6  # the attention math runs in float32 internally
+
+
+def test_rope_key_is_exact_when_heads_share_a_direction():
+    dense = dense_attention(3, 24, shared_rope_direction=True)
+    latent, factors = latent_from(dense, 3, 24, dc=72, rope_dim=24)
+    assert factors.rope_energy_kept == pytest.approx(1.0, abs=1e-12)
+    x, pos = torch.randn(1, 2 * 3 * 4, 72, dtype=torch.float64), grid_positions(2, 3, 4)
+    with torch.no_grad():
+        assert relative(latent(x, pos), dense(x, pos)) < 1e-6
+    # ... and not exact when they do not: the test above could fail.
+    other = dense_attention(3, 24, seed=1)
+    latent2, factors2 = latent_from(other, 3, 24, dc=72, rope_dim=24)
+    assert factors2.rope_energy_kept < 0.9
+    with torch.no_grad():
+        assert relative(latent2(x, pos), other(x, pos)) > 1e-2
+
+
+@pytest.mark.parametrize("dc", [8, 30, 60])
+def test_svd_reconstruction_is_the_eckart_young_optimum(dc):
+    heads, hd = 3, 24
+    dense = dense_attention(heads, hd)
+    factors = factorize_layer(dict(dense.state_dict()), num_heads=heads, dc=dc, rope_dim=12)
+    w = factors.weights
+    rope = [p for axis in factors.rope_pairs for p in axis]
+    content = [p for p in range(hd // 2) if p not in rope]
+    rows = [h * hd + d for h in range(heads) for p in content for d in (2 * p, 2 * p + 1)]
+    wk = dense.k.weight.detach().numpy()[rows]
+    wv = dense.v.weight.detach().numpy()
+    s = np.linalg.norm(wv) / np.linalg.norm(wk)
+    m = np.concatenate([s * wk, wv])
+    m_hat = np.concatenate([s * w["k_up.weight"].numpy(), w["v_up.weight"].numpy()]) @ w["kv_down.weight"].numpy()
+    sigma = np.linalg.svd(m, compute_uv=False)
+    closed_form = np.sqrt((sigma[dc:] ** 2).sum() / (sigma**2).sum())
+    assert np.linalg.norm(m - m_hat) / np.linalg.norm(m) == pytest.approx(closed_form, rel=1e-9)
+    np.testing.assert_allclose(factors.kv_singular_values.numpy(), sigma, rtol=1e-5)
+
+
+def test_rope_quota_follows_wan_proportion_and_refuses_what_cannot_be_shared():
+    assert rope_quota(128, 32) == (6, 5, 5)
+    assert rope_quota(128, 128) == (22, 21, 21)
+    assert rope_quota(64, 6) == (1, 1, 1)
+    for bad, msg in [(31, "positive even"), (130, "larger than the head dim"), (4, "three RoPE axes")]:
+        with pytest.raises(MlaconvertError, match=msg):
+            rope_quota(128, bad)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_source("builtin:tiny-wan")
+
+
+@pytest.mark.parametrize("init", ["svd", "asvd"])
+def test_measured_attention_error_falls_as_dc_grows(tiny, init):
+    errors = []
+    for dc in (4, 8, 16, 32):
+        conv = convert_model(tiny, ConvertSettings(dc=dc, rope_dim=16, init=init))
+        errors.append(np.mean([layer["measured"]["attn_error"] for layer in conv.layers]))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_asvd_beats_svd_on_the_calibration_tokens(tiny):
+    svd = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="svd"))
+    asvd = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"))
+    for a, b in zip(asvd.layers, svd.layers):
+        assert a["measured"]["v_error"] < b["measured"]["v_error"]
+
+
+def test_random_init_keeps_the_dense_scale(tiny):
+    conv = convert_model(tiny, ConvertSettings(dc=64, rope_dim=16, init="random"))
+    for layer in conv.layers:
+        # Random projections are uncorrelated with the dense ones: relative error near sqrt(2), never 10x off.
+        assert 0.8 < layer["measured"]["v_error"] < 2.5
+
+
+def test_export_contract_and_bit_identical_weights(tiny, tmp_path):
+    out = tmp_path / "mla"
+    conv, report = convert_source("builtin:tiny-wan", out, ConvertSettings(dc=48, rope_dim=16, q_rank=96))
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "rank_report.json", "rank_report.png", "README.md"} <= names
+    assert not [n for n in names if n.startswith(".")]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dim"] == 192 and cfg["mla"]["dc"] == [48, 48] and cfg["mla"]["rope_dim"] == 16
+    assert cfg["mla"]["nope_dim"] == 48 and cfg["mla"]["q_rank"] == 96 and cfg["mla"]["init"] == "svd"
+    assert len(cfg["mla"]["rope_pairs"][0]) == 3 and sum(map(len, cfg["mla"]["rope_pairs"][0])) == 8
+    assert cfg["mla"]["source"]["format"] == "wan" and len(cfg["mla"]["source"]["sha256"]) == 64
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("blocks.0.self_attn.kv_down.weight").shape == (48, 192)
+        assert f.get_tensor("blocks.0.self_attn.k_up.weight").shape == (3 * 48, 48)
+        assert f.get_tensor("blocks.0.self_attn.v_up.weight").shape == (192, 48)
+        assert f.get_tensor("blocks.0.self_attn.k_rope.weight").shape == (16, 192)
+    assert "blocks.0.self_attn.k.weight" not in keys and "blocks.1.self_attn.q_down.weight" in keys
+    exported = load_source(str(out))
+    assert exported.format == "mlaconvert" and exported.config.mla.dc == (48, 48)
+    outside = [k for k in tiny.state_dict if ".self_attn." not in k]
+    assert outside and all(torch.equal(exported.state_dict[k], tiny.state_dict[k]) for k in outside)
+    layer = report["layers"][0]
+    assert {"k", "v", "kv", "mla"} <= set(layer)
+    assert {"k_error", "v_error", "attn_error"} <= set(layer["mla"]["measured"])
+    assert set(layer["mla"]["utilisation"]) >= {"kv_down", "k_up_kv_down", "v_up_kv_down", "latents"}
+    assert layer["mla"]["cached_values_per_token"] == {"dense": 384, "mla": 64}
+
+
+def test_wan_1_3b_width_caches_224_instead_of_3072(tmp_path):
+    """One layer of the real 1.3B width (random weights): the per-token cache figure of the README."""
+    from mlaconvert.formats import Checkpoint, native_shapes
+
+    config = WanConfig(num_layers=1, ffn_dim=64, text_dim=64, text_len=8, freq_dim=32, in_dim=4, out_dim=4)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(*shape, generator=g) / (shape[-1] ** 0.5 if len(shape) > 1 else 1) for k, shape in native_shapes(config).items()}
+    conv = convert_model(Checkpoint(config=config, state_dict=sd, format="wan", files=[], info={}), ConvertSettings(dc=192, measure=False))
+    assert conv.layers[0]["cached_values_per_token"] == {"dense": 3072, "mla": 224}
+    assert conv.config.kv_values_per_token(0) == 224 and config.kv_values_per_token() == 3072
+
+
+def test_parse_dc_forms(tmp_path):
+    assert parse_dc("192") == 192 and parse_dc("auto") == "auto" and parse_dc("16, 32") == [16, 32]
+    (tmp_path / "dc.json").write_text("[16, 48]")
+    (tmp_path / "dc.toml").write_text("dc = [32, 64]")
+    assert parse_dc(str(tmp_path / "dc.json")) == [16, 48]
+    assert parse_dc(str(tmp_path / "dc.toml")) == [32, 64]
+
+
+def test_per_layer_and_auto_dc(tiny):
+    conv = convert_model(tiny, ConvertSettings(dc=[16, 64], rope_dim=16, measure=False))
+    assert conv.config.mla.dc == (16, 64)
+    auto = convert_model(tiny, ConvertSettings(dc="auto", energy=0.9, rope_dim=16, measure=False))
+    assert all(d % 16 == 0 and 16 <= d <= 192 for d in auto.config.mla.dc)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlaconvert", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dc", "0"], "rank budget"),
+        (["--dc", "500"], "rank budget"),
+        (["--dc", "16,16,16"], "lists 3 widths"),
+        (["--rope-dim", "15"], "positive even"),
+        (["--rope-dim", "66"], "larger than the head dim"),
+        (["--rope-dim", "4"], "three RoPE axes"),
+        (["--q-rank", "1000"], "--q-rank"),
+        (["--init", "pca"], "--init"),
+    ],
+)
+def test_bad_convert_options_give_one_line(tmp_path, args, message):
+    out = tmp_path / "o"
+    r = run_cli("convert", "builtin:tiny-wan", "-o", str(out), *args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_existing_output_and_mla_source_are_refused(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("convert", "builtin:tiny-wan", "-o", str(out), "--dc", "32", "--rope-dim", "16", "--no-measure")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("convert", "builtin:tiny-wan", "-o", str(out), "--dc", "32", "--rope-dim", "16")
+    assert r.returncode != 0 and "--force" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("convert", str(out), "-o", str(tmp_path / "again"), "--dc", "32", "--rope-dim", "16")
+    assert r.returncode != 0 and "already an MLA export" in r.stderr
+    r = run_cli("analyze", str(out), "-o", str(tmp_path / "analysis"))
+    assert r.returncode == 0, r.stderr
+    assert "utilisation" in r.stdout.lower()
