@@ -60,6 +60,82 @@ def analyze(
 
 
 @app.command()
+def sample(
+    model: str = typer.Argument(..., help="A dense source or an MLA export (any SOURCE form)."),
+    output: Path = typer.Option(Path("sample"), "-o", "--output", help="Folder for latents.safetensors, run.json and video.mp4."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Text prompt; repeat for a batch."),
+    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="A safetensors file with prompt_embeds (B, L, D)."),
+    random_text: bool = typer.Option(False, "--random-text", help="Seeded random text embeddings (tests, benchmarks)."),
+    text_encoder: str = typer.Option("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--text-encoder", help="Diffusers-layout repo or folder with text_encoder/ and tokenizer/."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Diffusers-layout repo or folder with vae/: decode while rolling out and write video.mp4."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames to generate (4 video frames each)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Seconds of 16 fps video (default 5)."),
+    height: int = typer.Option(480, "--height", help="Video height in pixels (multiple of 16)."),
+    width: int = typer.Option(832, "--width", help="Video width in pixels (multiple of 16)."),
+    batch: int = typer.Option(1, "--batch", help="Streams at once with --random-text."),
+    chunk: int = typer.Option(3, "--chunk", help="Latent frames per autoregressive chunk."),
+    window: int = typer.Option(21, "--window", help="Attention span in latent frames, the current chunk included."),
+    sink: int = typer.Option(0, "--sink", help="First latent frames kept in the cache forever."),
+    steps: str = typer.Option("1000,750,500,250", "--steps", help="Denoising timesteps before the shift."),
+    shift: float = typer.Option(5.0, "--shift", help="Flow-matching timestep shift."),
+    positions: str = typer.Option("auto", "--positions", help="RoPE positions: absolute, reindex (inside the window) or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed for all noise."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda (default) or cpu for tiny models."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+) -> None:
+    """Stream a video chunk by chunk with the model's KV cache (dense or latent); latents always, mp4 with --vae."""
+    from mlaconvert.sampling import SamplerSettings
+    from mlaconvert.sampling import sample as run_sample
+
+    try:
+        step_list = tuple(float(x) for x in steps.split(","))
+    except ValueError:
+        raise MlaconvertError(f"--steps must be comma-separated numbers (got '{steps}')") from None
+    settings = SamplerSettings(chunk=chunk, window=window, sink=sink, steps=step_list, shift=shift, positions=positions, seed=seed)
+    report = run_sample(
+        model, output, frames=frames, seconds=seconds, height=height, width=width, prompts=prompt,
+        prompt_embeds=prompt_embeds, random_text=random_text, text_encoder=text_encoder, vae=vae, batch=batch,
+        settings=settings, device=device, force=force,
+    )
+    peak = report["peak_memory_bytes"]
+    out.print(
+        f"{report['latent_frames']} latent frames ({report['video_seconds']:g} s) x {report['batch']} with {report['attention']} "
+        f"attention: {report['fps_latent_only']:.1f} fps (latent), {report['fps_end_to_end']:.1f} fps end to end, "
+        f"cache {report['cache_bytes'] / 2**20:.1f} MiB" + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
+    )
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def bench(
+    preset_name: str = typer.Option("wan2.1-1.3b", "--preset", help="Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny."),
+    output: Path = typer.Option(Path("docs/benchmarks"), "-o", "--output", help="Folder for bench-<device>.json and .png."),
+    height: int = typer.Option(480, "--height"),
+    width: int = typer.Option(832, "--width"),
+    window: list[int] = typer.Option([21], "--window", help="Window sizes (repeat the option for a grid)."),
+    chunk: list[int] = typer.Option([3], "--chunk", help="Chunk sizes (repeatable)."),
+    batch: list[int] = typer.Option([1], "--batch", help="Batch sizes (repeatable)."),
+    dc: int = typer.Option(192, "--dc"),
+    rope_dim: int = typer.Option(32, "--rope-dim"),
+    timed_chunks: int = typer.Option(4, "--timed-chunks", help="Chunks timed after the window is full."),
+    long_seconds: float = typer.Option(60.0, "--long-seconds", help="Length of the peak-memory rollout (0 skips it)."),
+    budget: float = typer.Option(80.0, "--budget-gib", help="Memory budget for the concurrent-streams estimate."),
+    device: str = typer.Option("cuda", "--device", help="cuda; cpu only with --preset tiny."),
+) -> None:
+    """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget."""
+    from mlaconvert.bench import BenchSettings, print_bench, run_bench, write_bench
+
+    settings = BenchSettings(
+        preset=preset_name, height=height, width=width, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
+        dc=dc, rope_dim=rope_dim, timed_chunks=timed_chunks, long_seconds=long_seconds, budget_gib=budget,
+    )
+    report = run_bench(settings, device=device)
+    print_bench(report, out)
+    json_path, png_path = write_bench(report, output)
+    out.print(f"wrote {json_path} and {png_path}")
+
+
+@app.command()
 def convert(
     source: Optional[str] = typer.Argument(None, help=SOURCE_HELP + " Optional with --recipe."),
     output: Path = typer.Option(..., "-o", "--output", help="Export folder (model.safetensors, config.json, rank report, README)."),
@@ -99,6 +175,67 @@ def convert(
         f"cached values per token, all layers: dense {cache['dense_values_per_token_all_layers']:,} -> "
         f"MLA {cache['mla_values_per_token_all_layers']:,} ({cache['reduction'] * 100:.1f}% less); "
         f"took {report['conversion']['seconds']['total']:.1f} s on {report['conversion']['device']}"
+    )
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def finetune(
+    model: str = typer.Argument(..., help="An MLA export (a folder written by `convert`)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, checkpoint, loss plot, agreement, and the fine-tuned export."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): [finetune] settings."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 200)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Clips per step over all processes (default 1)."),
+    accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Micro-batches per step in each process (default 1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of AdamW (default 1e-4)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps before the cosine decay (default 10)."),
+    train: Optional[str] = typer.Option(None, "--train", help="mla (the new attention tensors, default), attn (all self-attention) or all."),
+    layer_loss_weight: Optional[float] = typer.Option(None, "--layer-loss-weight", help="Weight of per-layer self-attention-output matching (default 0)."),
+    clips: Optional[int] = typer.Option(None, "--clips", help="Teacher-generated clips, 2 of them held out (default 16)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames per generated clip (default 6)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Latent height of generated clips (pixels / 8; default 16)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Latent width of generated clips (pixels / 8; default 16)."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per chunk, as the sampler runs (default 3)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 50)."),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="Activation checkpointing (default on)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order, timesteps, noise and generated clips (default 0)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of *.safetensors clips ('latents' N,C,F,h,w and 'prompt_embeds' N,L,D) instead of generating."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line, for generated clips (needs the umT5 encoder)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Diffusers-layout repo or folder with text_encoder/ and tokenizer/ for --prompts."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where generated clips are cached (default OUT/data)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
+) -> None:
+    """Brief data-free distillation of an MLA export from its dense teacher; writes the fine-tuned export."""
+    from mlaconvert.finetune import FinetuneSettings, finetune as run_finetune
+    from mlaconvert.recipes import load_recipe, merge
+
+    plan = load_recipe(recipe) if recipe else {}
+    overrides = dict(
+        steps=steps, batch=batch, accumulate=accumulate, lr=lr, warmup=warmup, train=train, layer_loss_weight=layer_loss_weight,
+        clips=clips, frames=frames, height=height, width=width, chunk=chunk, checkpoint_every=checkpoint_every,
+        gradient_checkpointing=checkpointing, seed=seed,
+    )
+    settings = merge(FinetuneSettings, dict(plan.get("finetune", {})), overrides, "finetune")
+    prompt_list = None
+    if prompts is not None:
+        if not prompts.is_file():
+            raise MlaconvertError(f"no such prompts file: '{prompts}'")
+        prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    result = run_finetune(
+        model, output, settings, teacher=teacher, data=data, prompts=prompt_list, encoder=encoder, cache_dir=cache_dir,
+        device=device, resume=resume, force=force,
+    )
+    if result.report is None:  # another process of a torchrun job: rank 0 reports
+        return
+    info = result.report["finetune"]
+    before, after = info["before"]["agreement"], info["after"]["agreement"]
+    out.print(
+        f"{result.step} steps, final loss {info['final_loss']:.4g}, {info['tokens_per_s']:,.0f} tokens/s on {info['device']} "
+        f"x{info['processes']}; teacher agreement: flow error {before['flow_relative_error_mean']:.4f} -> "
+        f"{after['flow_relative_error_mean']:.4f}, rollout PSNR {before['rollout_psnr_db_mean']:.2f} -> {after['rollout_psnr_db_mean']:.2f} dB"
     )
     out.print(f"wrote {output}")
 

@@ -67,7 +67,7 @@ def _whitener(second_moment: torch.Tensor | None, n: int) -> tuple[torch.Tensor,
     if second_moment is None:
         return None
     c = second_moment.double()
-    c = c + torch.eye(n, dtype=c.dtype) * (1e-6 * c.diagonal().mean().clamp_min(1e-12))
+    c = c + torch.eye(n, dtype=c.dtype, device=c.device) * (1e-6 * c.diagonal().mean().clamp_min(1e-12))
     chol = torch.linalg.cholesky(c)
     return chol, torch.linalg.inv(chol)
 
@@ -81,7 +81,7 @@ def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def auto_dc(sigma: torch.Tensor, energy: float, dim: int, multiple: int = 16) -> int:
     """Smallest multiple of `multiple` whose top singular values hold `energy` of Σσ² (at most dim)."""
-    cumulative = torch.cumsum(sigma.double() ** 2, 0)
+    cumulative = torch.cumsum(sigma.double().cpu() ** 2, 0)
     rank = int(torch.searchsorted(cumulative / cumulative[-1], torch.tensor([energy], dtype=torch.float64)).item()) + 1
     return min(dim, max(multiple, math.ceil(rank / multiple) * multiple))
 
@@ -124,8 +124,8 @@ def factorize_layer(
     # Rope pairs: per axis the pairs whose heads are best captured by one shared complex row (σ1² kept). The
     # rows carry Wan's key-norm weight g_k: it acts between the norm and the rotation, so it cannot move to the
     # query side for rotated dims and the rank-1 step must see the key as the score sees it.
-    g_k = attn.get("norm_k.weight", torch.ones(dim)).double()
-    g_q = attn.get("norm_q.weight", torch.ones(dim)).double()
+    g_k = attn.get("norm_k.weight", torch.ones(dim, device=wk.device)).double()
+    g_q = attn.get("norm_q.weight", torch.ones(dim, device=wk.device)).double()
     wk_aug = torch.cat([wk, bk[:, None]], dim=1) * g_k[:, None]
     pair_rows = wk_aug.view(num_heads, hd // 2, 2, dim + 1)
     a_all = torch.complex(pair_rows[:, :, 0], pair_rows[:, :, 1]).transpose(0, 1)  # (pairs, H, dim+1)
@@ -165,15 +165,16 @@ def factorize_layer(
 
         def gaussian(rows: int, cols: int, norm: torch.Tensor) -> torch.Tensor:
             # Each up-projected row keeps the dense row's mean norm when c has unit-variance entries.
-            return torch.randn(rows, cols, generator=g, dtype=torch.float64) * (norm / math.sqrt(max(rows, 1) * cols))
+            draw = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(wk.device)
+            return draw * (norm / math.sqrt(max(rows, 1) * cols))
 
         kv_down = gaussian(dc, dim, torch.tensor(math.sqrt(dc)))
         k_up, v_up = gaussian(wk_n.shape[0], dc, wk_n.norm()), gaussian(dim, dc, wv.norm())
         rope_scale = (a_all[rope].abs() ** 2).mean(dim=1).sum(dim=1).sqrt()  # per pair: a typical head's row norm
-        noise = torch.complex(*(torch.randn(len(rope), dim + 1, generator=g, dtype=torch.float64) for _ in range(2)))
+        noise = torch.complex(*(torch.randn(len(rope), dim + 1, generator=g, dtype=torch.float64) for _ in range(2))).to(wk.device)
         noise[:, dim] = 0
         row = noise / noise.norm(dim=1, keepdim=True) * rope_scale[:, None]
-        alpha = torch.ones(len(rope), num_heads, dtype=torch.complex128)
+        alpha = torch.ones(len(rope), num_heads, dtype=torch.complex128, device=wk.device)
     else:
         root = sv[:dc].sqrt()
         kv_down = root[:, None] * vh_m[:dc]
@@ -230,8 +231,8 @@ def factorize_layer(
     return LayerFactors(
         weights=weights,
         rope_pairs=chosen,  # type: ignore[arg-type]
-        kv_singular_values=sv.float(),
+        kv_singular_values=sv.float().cpu(),
         key_scale=key_scale,
         rope_energy_kept=rope_kept,
-        alpha=alpha.T.contiguous(),
+        alpha=alpha.T.contiguous().cpu(),
     )

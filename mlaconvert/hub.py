@@ -180,3 +180,28 @@ def _cached_revisions(repo_id: str) -> str:
             names = sorted(refs | {rev.commit_hash[:12] for rev in repo.revisions})
             return f" (cached revisions: {', '.join(names)})" if names else ""
     return ""
+
+
+def fetch_component(spec: str, subfolder: str, patterns: list[str]) -> Path:
+    """The folder of one component (`vae`, `text_encoder`, ...) of a diffusers-layout SOURCE: for a Hub repo
+    (`org/name[@rev]`) only `subfolder/<pattern>` files are fetched; a local folder is used as it is, or its
+    `subfolder` when it has one. The folder may lack the component's files: the caller checks what it needs."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        return local / subfolder if (local / subfolder).is_dir() else local
+    m = _REPO_SPEC.fullmatch(spec)
+    if m is None or m["filename"]:
+        raise MlaconvertError(f"no such folder, and not a Hub repo id (org/name[@revision]): '{spec}'")
+    repo_id, revision = m["repo"], m["revision"]
+    try:
+        root = snapshot_download(repo_id, revision=revision, allow_patterns=[f"{subfolder}/{p}" for p in patterns])
+    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError) as e:
+        raise _hub_error(e, spec, repo_id, revision, None) from e
+    folder = Path(root) / subfolder
+    # Offline, a snapshot cached by an earlier, narrower fetch (e.g. the transformer only) is returned as it is.
+    if not folder.is_dir() and constants.is_offline_mode():
+        raise MlaconvertError(
+            f"'{spec}' has no {subfolder}/ in the local Hugging Face cache and the Hub cannot be reached (offline): "
+            "download it once with network, or pass a local folder"
+        )
+    return folder

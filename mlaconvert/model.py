@@ -187,15 +187,15 @@ class LatentSelfAttention(Attention):
 
     def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, r = entries
-        k_c = _linear(self.k_up, c).float()
-        r = r.float()
-        pairs = r.unflatten(-1, (-1, 2))
+        k_c = _linear(self.k_up, c)
+        pairs = r.float().unflatten(-1, (-1, 2))
         rope_energy = torch.einsum("...pi,pij,...pj->...", pairs, self.k_rope_norm.float(), pairs).unsqueeze(-1)
-        energy = k_c.pow(2).sum(-1, keepdim=True) + rope_energy
+        # The norm is reduced in float32 without a float32 copy of the whole window's content keys.
+        norm_dtype = torch.promote_types(k_c.dtype, torch.float32)
+        energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
         scale = torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
-        dtype = c.dtype
-        k_c = (k_c * scale).to(dtype).unflatten(-1, (self.num_heads, self.nope_dim))
-        k_r = self.rotary.apply((r * scale).to(dtype), *self.rotary.cos_sin(positions))
+        k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
+        k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(positions))
         k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
         v = _linear(self.v_up, c).unflatten(-1, (self.num_heads, self.head_dim))
         return k, v
@@ -305,12 +305,16 @@ class WanModel(nn.Module):
         first_frame: int = 0,
         chunk_frames: int | None = None,
         cache: KVStep | None = None,
+        clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow prediction for `latents` (B, C, F, H, W).
 
         timestep: (B,) or per latent frame (B, F). first_frame: absolute index of the first latent frame (RoPE).
         chunk_frames: run block-causally, chunks of that many frames attending to themselves and earlier chunks.
         cache: a KVStep from a cache (see cache.py); the frames then attend to what it holds plus themselves.
+        clean: teacher forcing (needs chunk_frames). The clean clip runs alongside at t = 0 and each noisy chunk
+            attends to the clean chunks before it and to itself — in one forward, what the cached rollout does
+            chunk by chunk. Only the noisy frames' prediction is returned.
         """
         cfg = self.config
         b, _, frames, height, width = latents.shape
@@ -320,13 +324,7 @@ class WanModel(nn.Module):
                 f"latent size {frames}x{height}x{width} is not divisible by the patch size {pt}x{ph}x{pw}"
             )
         grid = (frames // pt, height // ph, width // pw)
-        x = _conv(self.patch_embedding, latents).flatten(2).transpose(1, 2).float()
-
         t = timestep.reshape(b, -1).expand(b, grid[0]) if timestep.dim() < 2 or timestep.shape[1] == 1 else timestep
-        e = _linear(self.time_embedding[2], self.time_embedding[1](_linear(self.time_embedding[0], sinusoid(t, cfg.freq_dim)))).float()
-        e0 = _linear(self.time_projection[1], self.time_projection[0](e)).float().unflatten(-1, (6, cfg.dim))
-        context = _linear(self.text_embedding[2], self.text_embedding[1](_linear(self.text_embedding[0], text)))
-
         positions = grid_positions(*grid, first_frame=first_frame, device=latents.device)
         mask = None
         if cache is not None:
@@ -334,6 +332,20 @@ class WanModel(nn.Module):
         elif chunk_frames is not None:
             chunk = torch.div(positions[:, 0] - first_frame, chunk_frames, rounding_mode="floor")
             mask = chunk[None, :] <= chunk[:, None]
+            if clean is not None:
+                latents = torch.cat([clean.to(latents.dtype), latents], dim=2)
+                t = torch.cat([torch.zeros_like(t), t], dim=1)
+                positions = torch.cat([positions, positions])
+                earlier = chunk[None, :] < chunk[:, None]
+                same = chunk[None, :] == chunk[:, None]
+                mask = torch.cat([torch.cat([mask, torch.zeros_like(mask)], 1), torch.cat([earlier, same], 1)], 0)
+        elif clean is not None:
+            raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
+
+        x = _conv(self.patch_embedding, latents).flatten(2).transpose(1, 2).float()
+        e = _linear(self.time_embedding[2], self.time_embedding[1](_linear(self.time_embedding[0], sinusoid(t, cfg.freq_dim)))).float()
+        e0 = _linear(self.time_projection[1], self.time_projection[0](e)).float().unflatten(-1, (6, cfg.dim))
+        context = _linear(self.text_embedding[2], self.text_embedding[1](_linear(self.text_embedding[0], text)))
 
         for i, block in enumerate(self.blocks):
             past = cache.layer(i) if cache is not None else None
@@ -343,6 +355,8 @@ class WanModel(nn.Module):
                 x = block(x, e0, context, positions, past, mask)
 
         out = self.head(x, e).float()
+        if clean is not None:
+            out = out[:, out.shape[1] // 2 :]
         return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
 
 

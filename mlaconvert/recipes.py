@@ -25,8 +25,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe file; a bare name is looked up in the repository's recipes/ folder."""
     p = Path(path)
-    if not p.exists() and not p.suffix and (RECIPES_DIR / f"{p}.toml").exists():
-        p = RECIPES_DIR / f"{p}.toml"
+    if not p.exists() and p.parent == Path(".") and (RECIPES_DIR / f"{p.name}.toml").exists():
+        p = RECIPES_DIR / f"{p.name}.toml"
     if not p.is_file():
         raise MlaconvertError(f"no such recipe: '{path}'")
     try:

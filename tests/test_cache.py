@@ -47,6 +47,24 @@ def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind):
     assert isinstance(cache, LatentKVCache if kind == "mla" else DenseKVCache)
 
 
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_teacher_forcing_equals_noisy_chunks_against_a_cache_of_clean_ones(models, kind):
+    """The training forward (clean context + noisy chunks in one pass) is the sampler's cached computation."""
+    model = models[kind]
+    clean, text = clip(2)
+    noisy = torch.randn_like(clean)
+    t = torch.tensor([[900.0] * CHUNK + [500.0] * CHUNK + [100.0] * CHUNK] * 2)
+    with torch.no_grad():
+        expected = model(noisy, t, text, chunk_frames=CHUNK, clean=clean)
+        cache = cache_for(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES)
+        got = []
+        for start in range(0, FRAMES, CHUNK):
+            sl = slice(start, start + CHUNK)
+            got.append(model(noisy[:, :, sl], t[:, sl], text, cache=cache.step(CHUNK, commit=False)))
+            model(clean[:, :, sl], torch.zeros(2, CHUNK), text, cache=cache.step(CHUNK, commit=True))
+    torch.testing.assert_close(torch.cat(got, dim=2), expected, atol=2e-5, rtol=1e-5)
+
+
 def test_latent_cache_stores_dc_plus_rope_values(models):
     dense = cache_for(models["dense"], batch=1, frame_shape=(2, 3), window=4)
     latent = cache_for(models["mla"], batch=1, frame_shape=(2, 3), window=4)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -195,9 +193,6 @@ def test_per_layer_and_auto_dc(tiny):
     assert all(d % 16 == 0 and 16 <= d <= 192 for d in auto.config.mla.dc)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlaconvert", *args], capture_output=True, text=True)
-
 
 @pytest.mark.parametrize(
     "args,message",
@@ -212,22 +207,22 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--init", "pca"], "--init"),
     ],
 )
-def test_bad_convert_options_give_one_line(tmp_path, args, message):
+def test_bad_convert_options_give_one_line(cli, tmp_path, args, message):
     out = tmp_path / "o"
-    r = run_cli("convert", "builtin:tiny-wan", "-o", str(out), *args)
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out), *args)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_existing_output_and_mla_source_are_refused(tmp_path):
+def test_existing_output_and_mla_source_are_refused(cli, tmp_path):
     out = tmp_path / "o"
-    r = run_cli("convert", "builtin:tiny-wan", "-o", str(out), "--dc", "32", "--rope-dim", "16", "--no-measure")
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out), "--dc", "32", "--rope-dim", "16", "--no-measure")
     assert r.returncode == 0, r.stderr
-    r = run_cli("convert", "builtin:tiny-wan", "-o", str(out), "--dc", "32", "--rope-dim", "16")
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out), "--dc", "32", "--rope-dim", "16")
     assert r.returncode != 0 and "--force" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("convert", str(out), "-o", str(tmp_path / "again"), "--dc", "32", "--rope-dim", "16")
+    r = cli("convert", str(out), "-o", str(tmp_path / "again"), "--dc", "32", "--rope-dim", "16")
     assert r.returncode != 0 and "already an MLA export" in r.stderr
-    r = run_cli("analyze", str(out), "-o", str(tmp_path / "analysis"))
+    r = cli("analyze", str(out), "-o", str(tmp_path / "analysis"))
     assert r.returncode == 0, r.stderr
     assert "utilisation" in r.stdout.lower()

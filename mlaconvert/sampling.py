@@ -1,0 +1,290 @@
+"""Streaming autoregressive rollout with a KV cache: Self-Forcing's few-step flow-matching sampler.
+
+Chunk by chunk: start from noise, run the denoising list (warped by the shift) — each step predicts the flow
+v = noise - x0, so x0 = x_t - σ v, then re-noises x0 to the next σ with fresh noise — and finally run the
+clean chunk once more at t = 0: only that context pass commits its keys to the cache. The same code drives a
+dense model (dense cache) and an MLA model (latent cache); nothing here knows which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlaconvert.cache import cache_for
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.model import WanModel
+
+VIDEO_FPS = 16
+FRAMES_PER_LATENT = 4  # Wan's VAE: 4 video frames per latent frame (the first latent frame decodes to 1)
+VAE_STRIDE = 8
+ROPE_TABLE = 1024  # positions Wan was trained with; beyond it the cache re-indexes
+
+
+@dataclass
+class SamplerSettings:
+    chunk: int = 3
+    window: int = 21  # attention span in latent frames, the current chunk included
+    sink: int = 0
+    steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    shift: float = 5.0
+    positions: str = "auto"  # absolute, reindex, or auto (absolute while the rollout fits Wan's RoPE table)
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    latents: torch.Tensor  # (B, C, F, h, w), float32, on the CPU
+    chunk_seconds: list[float] = field(default_factory=list)
+    cache_bytes: int = 0
+    values_per_token: list[int] = field(default_factory=list)
+    peak_memory: int | None = None
+
+
+def warp_timesteps(steps: tuple[float, ...], shift: float) -> list[float]:
+    """σ' = shift σ / (1 + (shift - 1) σ) on σ = t / 1000: [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625]."""
+    out = []
+    for t in steps:
+        sigma = t / 1000.0
+        out.append(1000.0 * shift * sigma / (1 + (shift - 1) * sigma))
+    return out
+
+
+def latent_frames_for(seconds: float) -> int:
+    """Latent frames for a duration at 16 fps, 4 video frames per latent frame (60 s -> 240)."""
+    return max(1, round(seconds * VIDEO_FPS / FRAMES_PER_LATENT))
+
+
+def check_video_size(height: int, width: int, patch: tuple[int, int, int]) -> tuple[int, int]:
+    """Pixel size -> latent size; both must divide by the VAE stride times the patch."""
+    unit = VAE_STRIDE * patch[1], VAE_STRIDE * patch[2]
+    if height % unit[0] or width % unit[1] or height <= 0 or width <= 0:
+        raise MlaconvertError(f"--height/--width must be positive multiples of {unit[0]}/{unit[1]} (got {height}x{width})")
+    return height // VAE_STRIDE, width // VAE_STRIDE
+
+
+def check_settings(settings: SamplerSettings, frames: int) -> None:
+    if settings.chunk < 1 or frames < 1:
+        raise MlaconvertError("--chunk and the number of frames must be positive")
+    if settings.window < settings.chunk:
+        raise MlaconvertError(f"--window ({settings.window}) must be at least --chunk ({settings.chunk})")
+    if settings.sink < 0 or settings.sink + settings.chunk > settings.window:
+        raise MlaconvertError(f"--sink ({settings.sink}) plus --chunk ({settings.chunk}) must fit in --window ({settings.window})")
+    if settings.positions not in ("auto", "absolute", "reindex"):
+        raise MlaconvertError("--positions must be auto, absolute or reindex")
+    if not settings.steps or any(not 0 < t <= 1000 for t in settings.steps):
+        raise MlaconvertError("--steps must be timesteps in (0, 1000]")
+
+
+@torch.no_grad()
+def rollout(
+    model: WanModel,
+    text: torch.Tensor,
+    *,
+    frames: int,
+    latent_size: tuple[int, int],
+    settings: SamplerSettings = SamplerSettings(),
+    noise: torch.Tensor | None = None,
+    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+) -> Rollout:
+    """Generate `frames` latent frames for each text embedding in `text` (B, L, text_dim).
+
+    noise: optional initial noise (B, C, frames, h, w); otherwise drawn from `settings.seed`. All noise comes
+    from a CPU generator, so a seeded rollout is the same on any device. on_chunk(first_frame, x0) is called
+    with each finished chunk (on the model's device) — a streaming VAE decoder hooks in here.
+    """
+    check_settings(settings, frames)
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    batch = text.shape[0]
+    h, w = latent_size
+    if h % cfg.patch_size[1] or w % cfg.patch_size[2]:
+        raise MlaconvertError(f"latent size {h}x{w} is not divisible by the patch size {cfg.patch_size[1]}x{cfg.patch_size[2]}")
+    positions = settings.positions
+    if positions == "auto":
+        positions = "absolute" if frames <= ROPE_TABLE else "reindex"
+    cache = cache_for(
+        model, batch=batch, frame_shape=(h // cfg.patch_size[1], w // cfg.patch_size[2]), window=settings.window,
+        sink=settings.sink, positions=positions,
+    )
+    gen = torch.Generator().manual_seed(settings.seed)
+    if noise is None:
+        noise = torch.randn(batch, cfg.in_dim, frames, h, w, generator=gen)
+    sigmas = [t / 1000.0 for t in warp_timesteps(settings.steps, settings.shift)]
+    text = text.to(device, dtype)
+    out = torch.empty(batch, cfg.out_dim, frames, h, w)
+    result = Rollout(latents=out, cache_bytes=cache.nbytes, values_per_token=cache.values_per_token)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for start in range(0, frames, settings.chunk):
+        n = min(settings.chunk, frames - start)
+        tic = time.perf_counter()
+        x = noise[:, :, start : start + n].to(device, dtype)
+        for i, sigma in enumerate(sigmas):
+            t = torch.full((batch, n), sigma * 1000.0, device=device)
+            flow = model(x, t, text, cache=cache.step(n, commit=False))
+            x0 = x.float() - sigma * flow
+            if i + 1 < len(sigmas):
+                fresh = torch.randn(x0.shape, generator=gen).to(device)
+                x = ((1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * fresh).to(dtype)
+        model(x0.to(dtype), torch.zeros(batch, n, device=device), text, cache=cache.step(n, commit=True))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.chunk_seconds.append(time.perf_counter() - tic)
+        out[:, :, start : start + n] = x0.float().cpu()
+        if on_chunk is not None:
+            on_chunk(start, x0)
+    if device.type == "cuda":
+        result.peak_memory = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def resolve_device(device: str | None, config_params: int) -> torch.device:
+    """cuda by default; a full-size model needs it, a tiny one may run on the CPU."""
+    if device is None:
+        device = "cuda"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if config_params > 100_000_000:
+            raise MlaconvertError("no CUDA device found: sampling a full-size model needs a GPU")
+        raise MlaconvertError("no CUDA device found: pass --device cpu (fine for tiny models like builtin:tiny-wan)")
+    if dev.type == "cpu" and config_params > 100_000_000:
+        raise MlaconvertError(f"a {config_params / 1e9:.1f}B-parameter model on the CPU would take hours per chunk: use --device cuda")
+    return dev
+
+
+def sample(
+    model_spec: str,
+    out_dir: str | Path,
+    *,
+    frames: int | None = None,
+    seconds: float | None = None,
+    height: int = 480,
+    width: int = 832,
+    prompts: list[str] | None = None,
+    prompt_embeds: str | Path | None = None,
+    random_text: bool = False,
+    text_encoder: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    vae: str | None = None,
+    batch: int = 1,
+    settings: SamplerSettings = SamplerSettings(),
+    device: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Roll out a dense or MLA model and write OUT/latents.safetensors, OUT/run.json and, with a VAE, OUT/video.mp4."""
+    from safetensors.torch import save_file
+
+    from mlaconvert.hub import load_source
+    from mlaconvert.model import load_model
+    from mlaconvert.outputs import atomic_dir, check_writable, write_json
+
+    out_dir = Path(out_dir)
+    check_writable(out_dir, force)
+    if frames is None:
+        frames = latent_frames_for(seconds if seconds is not None else 5.0)
+    checkpoint = load_source(model_spec)
+    cfg = checkpoint.config
+    latent_size = check_video_size(height, width, cfg.patch_size)
+    check_settings(settings, frames)
+    params = sum(t.numel() for t in checkpoint.state_dict.values())
+    dev = resolve_device(device, params)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    text, prompt_list = _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, batch, settings.seed, dev)
+    model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
+
+    start = time.perf_counter()
+    with atomic_dir(out_dir, force) as tmp:
+        writer = decoder = None
+        if vae is not None:
+            from mlaconvert.video import Mp4Writer, StreamingDecoder, load_vae
+
+            decoder = StreamingDecoder(load_vae(vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16))
+            writer = Mp4Writer(tmp / "video.mp4", fps=VIDEO_FPS).__enter__()
+
+        def on_chunk(_first: int, x0: torch.Tensor) -> None:
+            if decoder is not None:
+                pixels = decoder.decode(x0)
+                writer.write(pixels[0])
+
+        try:
+            with _progress(frames, settings.chunk) as advance:
+                result = rollout(
+                    model, text, frames=frames, latent_size=latent_size, settings=settings,
+                    on_chunk=lambda first, x0: (on_chunk(first, x0), advance()),
+                )
+        except torch.OutOfMemoryError:
+            raise MlaconvertError(
+                f"out of GPU memory for batch {text.shape[0]} at {height}x{width} with a {settings.window}-frame window: "
+                "lower --batch, --window or the resolution"
+            ) from None
+        finally:
+            if writer is not None:
+                writer.__exit__(None, None, None)
+        total = time.perf_counter() - start
+        save_file({"latents": result.latents.contiguous()}, str(tmp / "latents.safetensors"), metadata={"prompts": json.dumps(prompt_list)})
+        report = run_report(result, model_spec, cfg, settings, frames, (height, width), dev, total, prompt_list)
+        write_json(tmp / "run.json", report)
+    return report
+
+
+def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frames: int, size: tuple[int, int], dev: torch.device, total: float, prompts: list[str] | None) -> dict[str, Any]:
+    video_frames = frames * FRAMES_PER_LATENT * result.latents.shape[0]
+    rollout_seconds = sum(result.chunk_seconds)
+    return {
+        "model": spec,
+        "attention": "mla" if cfg.is_mla else "dense",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "batch": result.latents.shape[0],
+        "latent_frames": frames,
+        "video_seconds": frames * FRAMES_PER_LATENT / VIDEO_FPS,
+        "size": list(size),
+        "settings": {**settings.__dict__, "steps": list(settings.steps), "warped_steps": warp_timesteps(settings.steps, settings.shift)},
+        "fps_latent_only": video_frames / rollout_seconds,
+        "fps_end_to_end": video_frames / total,
+        "chunk_seconds": result.chunk_seconds,
+        "peak_memory_bytes": result.peak_memory,
+        "cache_bytes": result.cache_bytes,
+        "cached_values_per_token": result.values_per_token,
+        "prompts": prompts,
+    }
+
+
+def _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, batch, seed, dev) -> tuple[torch.Tensor, list[str] | None]:
+    given = sum(x is not None and x is not False for x in (prompts or None, prompt_embeds, random_text or None))
+    if given != 1:
+        raise MlaconvertError("give exactly one of --prompt, --prompt-embeds or --random-text")
+    if random_text:
+        from mlaconvert.text import random_prompt_embeds
+
+        return random_prompt_embeds(batch, cfg.text_len, cfg.text_dim, seed), None
+    if prompt_embeds is not None:
+        from mlaconvert.text import load_prompt_embeds
+
+        embeds, names = load_prompt_embeds(prompt_embeds)
+    else:
+        from mlaconvert.text import encode_prompts
+
+        embeds, names = encode_prompts(list(prompts), text_encoder, device=dev, text_len=cfg.text_len).cpu(), list(prompts)
+    if embeds.shape[-1] != cfg.text_dim:
+        raise MlaconvertError(f"text embeddings have width {embeds.shape[-1]} but the model expects {cfg.text_dim}")
+    return embeds.float(), names
+
+
+@contextlib.contextmanager
+def _progress(frames: int, chunk: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("chunks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("chunks", total=-(-frames // chunk))
+        yield lambda: progress.advance(task)

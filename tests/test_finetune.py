@@ -1,0 +1,200 @@
+"""finetune: distillation really closes the gap to the teacher, trains only what it is told to, resumes
+bit-exactly, gives one process's update when split over two, and refuses bad input with one line.
+
+Everything runs the built-in tiny model converted at dc 32 on 6-frame 8x8-latent clips; the teacher-generated
+clips are made once per module and reused through the cache folder, as a second run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlaconvert.builtin import TINY_WAN, make_tiny_wan
+from mlaconvert.convert import ConvertSettings, convert_source
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.finetune import (
+    MLA_TENSORS,
+    AttentionOutputs,
+    FinetuneSettings,
+    chunk_timesteps,
+    distill_loss,
+    finetune,
+    load_pair,
+    trainable_names,
+)
+from mlaconvert.formats import save_native
+from mlaconvert.hub import load_source
+from mlaconvert.model import load_model
+
+SMALL = FinetuneSettings(steps=6, batch=2, lr=1e-3, warmup=2, clips=6, held_out=2, frames=6, height=8, width=8,
+                         checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    convert_source("builtin:tiny-wan", root / "mla", ConvertSettings(dc=32, rope_dim=16, measure=False))
+    return root
+
+
+def run(work: Path, name: str, settings: FinetuneSettings = SMALL, **kwargs) -> object:
+    kwargs.setdefault("cache_dir", work / "clips")
+    return finetune(str(work / "mla"), work / name, settings, show_progress=False, **kwargs)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path) -> None:
+    settings = dataclasses.replace(SMALL, steps=30, warmup=3, checkpoint_every=10)
+    result = run(work, "long", settings)
+    out = work / "long"
+
+    losses = [row["loss"] for row in result.log]
+    assert len(losses) == 30 and [row["step"] for row in result.log] == list(range(1, 31))
+    # Each step draws its own timesteps, so single losses are noisy: compare the first and last ten.
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+    agreement = json.loads((out / "agreement.json").read_text())
+    before, after = agreement["before"], agreement["after"]
+    assert len(before["flow_relative_error"]) == 4 and len(before["rollout_psnr_db"]) == 2  # 4 steps, 2 chunks
+    assert all(a < b for a, b in zip(after["flow_relative_error"], before["flow_relative_error"]))
+    assert after["rollout_psnr_db_mean"] > before["rollout_psnr_db_mean"]
+
+    student, tuned = weights(work / "mla"), weights(out)
+    mla = set(trainable_names(list(student), "mla"))
+    assert mla and all(name.split(".self_attn.")[1].split(".")[0] in MLA_TENSORS for name in mla)
+    for name, tensor in student.items():
+        if name in mla:
+            assert not torch.equal(tuned[name], tensor), name
+        else:
+            assert torch.equal(tuned[name], tensor), name
+
+    # The export is a valid SOURCE with a fresh rank report: utilisation on held-out latents, before and after.
+    assert load_source(str(out)).config == load_source(str(work / "mla")).config
+    report = json.loads((out / "rank_report.json").read_text())
+    assert report["finetune"]["after"]["agreement"] == after
+    assert report["layers"][0]["mla"]["utilisation"]["latents"]["effective_rank"] > 0
+    assert len(report["finetune"]["before"]["utilisation"]) == TINY_WAN.num_layers
+    assert report["finetune"]["model_flops_per_step"] > 0
+    assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoint" / "state.pt").is_file()
+
+
+def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) -> None:
+    settings = dataclasses.replace(SMALL, layer_loss_weight=0.5)  # the hooked layer term must resume exactly too
+    whole = run(work, "whole", settings)
+    assert all(row["loss"] > row["flow_loss"] > 0 and row["layer_loss"] > 0 for row in whole.log)
+    # A kill after step 3: the last checkpoint is step 2's, step 3 is lost and must be redone identically.
+    stopped = run(work, "killed", settings, stop_after=3)
+    assert not stopped.exported and not (work / "killed" / "model.safetensors").exists()
+    with pytest.raises(MlaconvertError, match="another run.*lr"):
+        run(work, "killed", dataclasses.replace(settings, lr=2e-3), resume=True)
+    with pytest.raises(MlaconvertError, match="already exists"):
+        run(work, "killed", settings)
+    resumed = run(work, "killed", settings, resume=True)
+
+    a, b = weights(work / "whole"), weights(work / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(r["step"], r["loss"], r["lr"]) for r in resumed.log] == [(r["step"], r["loss"], r["lr"]) for r in whole.log]
+    log = [json.loads(line) for line in (work / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+
+
+def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) -> None:
+    # The attention hooks are removed before backward, so checkpointing's recomputation records nothing twice.
+    student_ckpt, teacher_ckpt = load_pair(str(work / "mla"))
+    student = load_model(student_ckpt.config, {k: v.clone() for k, v in student_ckpt.state_dict.items()})
+    teacher = load_model(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
+    trained = set(trainable_names([n for n, _ in student.named_parameters()], "mla"))
+    for name, param in student.named_parameters():
+        param.requires_grad_(name in trained)
+    g = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(2, 4, 6, 8, 8, generator=g), torch.randn(2, 4, 6, 8, 8, generator=g)
+    text, t = torch.randn(2, 32, 64, generator=g), chunk_timesteps(SMALL, 2, 6, g)
+    grads = []
+    for checkpointing in (False, True):
+        student.gradient_checkpointing = checkpointing
+        student.zero_grad()
+        loss, parts = distill_loss(student, teacher, clean, text, noise, t, chunk=3, layer_loss_weight=0.5,
+                                   student_attn=AttentionOutputs(student), teacher_attn=AttentionOutputs(teacher))
+        loss.backward()
+        assert parts["layer_loss"] > 0
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == trained
+    for name in trained:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-9)
+
+
+def test_two_processes_make_the_update_of_one(work: Path) -> None:
+    settings = dataclasses.replace(SMALL, steps=2)
+    run(work, "single", settings)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mlaconvert", "finetune",
+        str(work / "mla"), "-o", str(work / "ddp"), "--cache-dir", str(work / "clips"), "--device", "cpu",
+        "--steps", "2", "--batch", "2", "--lr", "1e-3", "--warmup", "2", "--clips", "6", "--frames", "6", "--height", "8",
+        "--width", "8", "--checkpoint-every", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x2;" in done.stdout
+    one, two = weights(work / "single"), weights(work / "ddp")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(one[n], weights(work / "mla")[n]) for n in one)
+
+
+def test_cli_finetunes_the_builtin_and_refuses_to_overwrite(work: Path) -> None:
+    command = [
+        sys.executable, "-m", "mlaconvert", "finetune", str(work / "mla"), "-o", str(work / "cli"), "--recipe", "recipes/tiny-wan.toml",
+        "--steps", "2", "--clips", "6", "--frames", "6", "--height", "8", "--width", "8", "--cache-dir", str(work / "clips"),
+    ]
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 steps" in done.stdout and "rollout PSNR" in done.stdout
+    assert json.loads((work / "cli" / "rank_report.json").read_text())["finetune"]["settings"]["lr"] == 1e-3  # from the recipe
+    again = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=300)
+    assert again.returncode == 1
+    assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+
+
+def test_bad_inputs_are_one_line_errors(work: Path, tmp_path: Path) -> None:
+    with pytest.raises(MlaconvertError, match="dense model; finetune needs an MLA export"):
+        finetune("builtin:tiny-wan", tmp_path / "a", SMALL, show_progress=False)
+
+    wider = dataclasses.replace(TINY_WAN, dim=96, num_heads=3, ffn_dim=192)
+    other = save_native(wider, make_tiny_wan(0, wider), tmp_path / "wider")
+    with pytest.raises(MlaconvertError, match="does not match the student.*dim 96 vs 192"):
+        run(work, "b", teacher=str(other))
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    save_file({"latents": torch.zeros(3, 5, 6, 8, 8), "prompt_embeds": torch.zeros(3, 32, 64)}, clips / "x.safetensors")
+    with pytest.raises(MlaconvertError, match=r"clips must be \(clips, 4 channels"):
+        run(work, "c", data=clips)
+
+    with pytest.raises(MlaconvertError, match="nothing to resume"):
+        run(work, "d", resume=True)
+    with pytest.raises(MlaconvertError, match="must divide evenly"):
+        run(work, "e", dataclasses.replace(SMALL, batch=3, accumulate=2))
+
+
+def test_each_chunk_gets_one_timestep_from_the_sampler() -> None:
+    warped = [1000.0, 937.5, 833.3333333333334, 625.0]  # [1000, 750, 500, 250] through shift 5
+    g = torch.Generator().manual_seed(0)
+    listed = chunk_timesteps(SMALL, 64, 7, g)  # 7 frames: chunks of 3, 3 and 1
+    assert listed.shape == (64, 7)
+    assert torch.equal(listed[:, 0:3], listed[:, :1].expand(64, 3)) and torch.equal(listed[:, 3:6], listed[:, 3:4].expand(64, 3))
+    assert set(listed.flatten().tolist()) == set(torch.tensor(warped).tolist())
+    uniform = chunk_timesteps(dataclasses.replace(SMALL, timesteps="uniform"), 64, 6, g)
+    assert uniform.min() >= 625.0 and uniform.max() <= 1000.0 and len(set(uniform[:, 0].tolist())) == 64
