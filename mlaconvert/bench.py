@@ -22,9 +22,8 @@ from mlaconvert import __version__
 from mlaconvert.builtin import TINY_WAN
 from mlaconvert.config import MLAConfig, WanConfig, preset
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.factorize import rope_quota
 from mlaconvert.model import WanModel
-from mlaconvert.rope import axis_pairs
+from mlaconvert.rope import leading_rope_pairs
 from mlaconvert.sampling import FRAMES_PER_LATENT, SamplerSettings, check_video_size, latent_frames_for, rollout
 
 GiB = 2**30
@@ -50,8 +49,7 @@ class BenchSettings:
 
 def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
     """The MLA twin of a dense config, with Wan's first pairs of each axis as the rope pairs."""
-    quota = rope_quota(config.head_dim, rope_dim)
-    pairs = tuple(tuple(axis[:q]) for axis, q in zip(axis_pairs(config.head_dim), quota))
+    pairs = leading_rope_pairs(config.head_dim, rope_dim)
     return config.replace(
         mla=MLAConfig(dc=(dc,) * config.num_layers, rope_dim=rope_dim, nope_dim=config.head_dim - rope_dim, rope_pairs=(pairs,) * config.num_layers, init="random")
     )

@@ -74,11 +74,6 @@ class WanConfig:
         return self.dim // self.num_heads
 
     @property
-    def rope_axis_dims(self) -> tuple[int, int, int]:
-        """Head dims rotated by frame, row and column (Wan: 44/42/42 for head_dim 128)."""
-        return rope_axis_split(self.head_dim)
-
-    @property
     def is_mla(self) -> bool:
         return self.mla is not None
 

@@ -24,7 +24,8 @@ from mlaconvert import __version__
 from mlaconvert.calibration import Calibration, calibrate, check_fits
 from mlaconvert.config import MLAConfig, WanConfig
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.factorize import LayerFactors, factorize_layer, rope_quota
+from mlaconvert.factorize import LayerFactors, factorize_layer
+from mlaconvert.rope import AXES, rope_quota
 from mlaconvert.formats import Checkpoint
 from mlaconvert.model import DenseSelfAttention, LatentSelfAttention, load_model
 from mlaconvert.rank import truncation_at
@@ -179,7 +180,7 @@ def convert_model(
         entry = {
             "index": i,
             "dc": mla.dc[i],
-            "rope_pairs": {"frame": list(f.rope_pairs[0]), "row": list(f.rope_pairs[1]), "column": list(f.rope_pairs[2])},
+            "rope_pairs": {axis: list(pairs) for axis, pairs in zip(AXES, f.rope_pairs)},
             "rope_energy_kept": f.rope_energy_kept,
             "key_scale": f.key_scale,
             "cached_values_per_token": {"dense": 2 * config.dim, "mla": mla.dc[i] + mla.rope_dim},

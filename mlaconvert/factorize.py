@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.rope import axis_pairs
+from mlaconvert.rope import axis_pairs, rope_quota
 
 
 @dataclass
@@ -41,25 +41,6 @@ class LayerFactors:
     rope_energy_kept: float  # fraction of the chosen pairs' key energy the rank-1 step keeps
     alpha: torch.Tensor  # (H, rope_dim/2) complex per-head factors, kept for measuring key error
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def rope_quota(head_dim: int, rope_dim: int) -> tuple[int, int, int]:
-    """Pairs of the rope key per axis, in Wan's proportion (rope_dim 32 -> 6 frame, 5 row, 5 column)."""
-    if rope_dim % 2 or rope_dim <= 0:
-        raise MlaconvertError(f"--rope-dim must be a positive even number (got {rope_dim})")
-    if rope_dim > head_dim:
-        raise MlaconvertError(f"--rope-dim {rope_dim} is larger than the head dim {head_dim}")
-    hw = rope_dim // 6
-    quota = (rope_dim // 2 - 2 * hw, hw, hw)
-    if min(quota) < 1:
-        raise MlaconvertError(
-            f"--rope-dim {rope_dim} cannot be shared over the three RoPE axes (frame, row, column): "
-            "use at least 6 (one pair per axis)"
-        )
-    available = [len(a) for a in axis_pairs(head_dim)]
-    if any(q > n for q, n in zip(quota, available)):
-        raise MlaconvertError(f"--rope-dim {rope_dim} needs {quota} pairs per axis but a head has only {tuple(available)}")
-    return quota
 
 
 def _whitener(second_moment: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -138,7 +119,6 @@ def factorize_layer(
     )
     rope = [p for axis in chosen for p in axis]
     content = [p for p in range(hd // 2) if p not in set(rope)]
-    nope = hd - rope_dim
     total_energy = (b_all[rope].abs() ** 2).sum()
     rope_kept = float(sigma1_sq[rope].sum() / total_energy) if total_energy > 0 else 1.0
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlaconvert.config import MLAConfig, WanConfig
+from mlaconvert.config import WanConfig
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.rope import Rotary, grid_positions
+from mlaconvert.rope import Rotary, grid_positions, leading_rope_pairs
 
 
 class LayerKV(Protocol):
@@ -176,8 +176,8 @@ class LatentSelfAttention(Attention):
         self.k_rope = nn.Linear(dim, dr)
         self.k_rope_norm = nn.Parameter(torch.eye(2).repeat(dr // 2, 1, 1) * self.num_heads)
         self.o = nn.Linear(dim, dim)
-        pairs = [p for axis in mla.rope_pairs[layer] for p in axis] if mla.rope_pairs else range(dr // 2)
-        self.rotary = Rotary(list(pairs), config.head_dim, config.rope_theta)
+        rope_pairs = mla.rope_pairs[layer] if mla.rope_pairs else leading_rope_pairs(config.head_dim, dr)
+        self.rotary = Rotary([p for axis in rope_pairs for p in axis], config.head_dim, config.rope_theta)
 
     def cache_widths(self) -> tuple[int, ...]:
         return self.kv_down.out_features, self.rope_dim
@@ -393,11 +393,3 @@ def _few(keys: list[str], n: int = 4) -> str:
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
-
-def mla_rope_layout(config: WanConfig, layer: int) -> tuple[list[int], list[int]]:
-    """(content pair indices, rope pair indices) of a head for one layer of an MLA config."""
-    mla: MLAConfig | None = config.mla
-    assert mla is not None
-    rope = [p for axis in mla.rope_pairs[layer] for p in axis]
-    content = [p for p in range(config.head_dim // 2) if p not in set(rope)]
-    return content, rope

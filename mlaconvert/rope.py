@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mlaconvert.config import rope_axis_split
+from mlaconvert.errors import MlaconvertError
 
 AXES = ("frame", "row", "column")
 
@@ -30,6 +31,31 @@ def axis_pairs(head_dim: int) -> list[list[int]]:
     """Pair indices of each axis, in Wan's order."""
     axes, _ = pair_table(head_dim)
     return [torch.nonzero(axes == a).flatten().tolist() for a in range(3)]
+
+
+def rope_quota(head_dim: int, rope_dim: int) -> tuple[int, int, int]:
+    """Pairs of a rope key of width rope_dim per axis, in Wan's proportion (rope_dim 32 -> 6 frame, 5 row, 5 column)."""
+    if rope_dim % 2 or rope_dim <= 0:
+        raise MlaconvertError(f"--rope-dim must be a positive even number (got {rope_dim})")
+    if rope_dim > head_dim:
+        raise MlaconvertError(f"--rope-dim {rope_dim} is larger than the head dim {head_dim}")
+    row, column = rope_axis_split(rope_dim)[1:]
+    quota = (rope_dim // 2 - (row + column) // 2, row // 2, column // 2)
+    if min(quota) < 1:
+        raise MlaconvertError(
+            f"--rope-dim {rope_dim} cannot be shared over the three RoPE axes (frame, row, column): "
+            "use at least 6 (one pair per axis)"
+        )
+    available = [len(a) for a in axis_pairs(head_dim)]
+    if any(q > n for q, n in zip(quota, available)):
+        raise MlaconvertError(f"--rope-dim {rope_dim} needs {quota} pairs per axis but a head has only {tuple(available)}")
+    return quota
+
+
+def leading_rope_pairs(head_dim: int, rope_dim: int) -> tuple[tuple[int, ...], ...]:
+    """The first (highest-frequency) pairs of each axis, in Wan's proportion: rope pairs chosen without weights."""
+    quota = rope_quota(head_dim, rope_dim)
+    return tuple(tuple(axis[:q]) for axis, q in zip(axis_pairs(head_dim), quota))
 
 
 def grid_positions(frames: int, height: int, width: int, first_frame: int = 0, device=None) -> torch.Tensor:

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from mlaconvert.config import MLAConfig, WanConfig
 from mlaconvert.convert import ConvertSettings, convert_model, convert_source, parse_dc
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.factorize import factorize_layer, rope_quota
+from mlaconvert.factorize import factorize_layer
+from mlaconvert.rope import rope_quota
 from mlaconvert.hub import load_source
 from mlaconvert.model import DenseSelfAttention, LatentSelfAttention
 from mlaconvert.rope import grid_positions
