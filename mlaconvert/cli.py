@@ -121,6 +121,7 @@ def bench(
     long_seconds: float = typer.Option(60.0, "--long-seconds", help="Length of the peak-memory rollout (0 skips it)."),
     budget: float = typer.Option(80.0, "--budget-gib", help="Memory budget for the concurrent-streams estimate."),
     device: str = typer.Option("cuda", "--device", help="cuda; cpu only with --preset tiny."),
+    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the blocks of both variants."),
 ) -> None:
     """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget."""
     from mlaconvert.bench import BenchSettings, print_bench, run_bench, write_bench
@@ -128,6 +129,7 @@ def bench(
     settings = BenchSettings(
         preset=preset_name, height=height, width=width, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
         dc=dc, rope_dim=rope_dim, timed_chunks=timed_chunks, long_seconds=long_seconds, budget_gib=budget,
+        compile=compile_blocks,
     )
     report = run_bench(settings, device=device)
     print_bench(report, out)

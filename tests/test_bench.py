@@ -1,0 +1,35 @@
+"""The benchmark's code path on the CPU with the tiny architecture (the numbers that matter need a GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlaconvert.bench import BenchSettings, mla_variant, run_bench, write_bench
+from mlaconvert.builtin import TINY_WAN
+from mlaconvert.errors import MlaconvertError
+
+
+def test_bench_runs_both_variants_through_the_same_sampler(tmp_path):
+    settings = BenchSettings(preset="tiny", height=64, width=48, windows=(6,), chunks=(2,), batches=(1,), dc=32,
+                             rope_dim=16, timed_chunks=1, long_seconds=2)
+    report = run_bench(settings, device="cpu")
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["dense"]["cached_values_per_token"] == 2 * TINY_WAN.dim and rows["mla"]["cached_values_per_token"] == 48
+    assert report["ratios"]["w6/c2/b1"]["cache"] == pytest.approx(48 / 384)
+    assert set(report["long_rollout"]) >= {"dense", "mla"}
+    json_path, png_path = write_bench(report, tmp_path)
+    assert json.loads(json_path.read_text())["schema"] == "mlaconvert.bench/1"
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mla_variant_uses_wans_leading_pairs_per_axis():
+    config = mla_variant(TINY_WAN, 32, 16)
+    assert config.mla.rope_pairs[0] == ((0, 1, 2, 3), (12, 13), (22, 23))  # head_dim 64: 12 frame, 10 row, 10 column pairs
+
+
+def test_bench_without_cuda_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(MlaconvertError, match="needs a CUDA device"):
+        run_bench(BenchSettings(), device="cuda")
