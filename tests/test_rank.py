@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from mlaconvert.config import MLAConfig, WanConfig
 from mlaconvert.errors import MlaconvertError
@@ -332,3 +333,27 @@ def test_analyze_source_validates_before_loading(tmp_path: Path, fake_hub: list[
         analyze_source("fake/tiny", out_dir=tmp_path / "a", energy=2.0)
     assert fake_hub == []
     assert not (tmp_path / "a").exists()
+
+
+def test_analyze_gives_identical_reports_from_every_format(cli, checkpoints, hub_cache, tmp_path) -> None:
+    """The same tiny model as a native folder, a diffusers repo saved by diffusers, a Self-Forcing-style .pt and an
+    offline Hub cache: one rank report, whose spectra agree with numpy."""
+    pytest.importorskip("diffusers")
+    native = checkpoints.native()
+    hub_cache.add("org/tiny-wan", native)
+    sources = {
+        "native": str(native),
+        "diffusers": str(checkpoints.diffusers()),
+        "pt": str(checkpoints.training_pt()),
+        "hub": "org/tiny-wan",
+    }
+    layers = {}
+    for name, source in sources.items():
+        r = cli("analyze", source, "--dc", "8", "--head-dim", "24", "-o", str(tmp_path / "reports" / name))
+        assert r.returncode == 0, r.stderr
+        layers[name] = json.loads((tmp_path / "reports" / name / "rank_report.json").read_text())["layers"]
+    assert layers["native"] == layers["diffusers"] == layers["pt"] == layers["hub"]
+    state = load_file(str(native / "diffusion_pytorch_model.safetensors"))
+    w_k = state["blocks.0.self_attn.k.weight"].double().numpy()
+    expected = np.linalg.svd(w_k, compute_uv=False)
+    np.testing.assert_allclose(layers["hub"][0]["k"]["singular_values"], expected, rtol=1e-6)

@@ -29,3 +29,20 @@ def test_explicit_options_override_and_unknown_keys_are_refused():
         merge(ConvertSettings, {"dcc": 64}, {}, "convert")
     with pytest.raises(MlaconvertError, match="no such recipe"):
         load_recipe("no-such-recipe")
+
+
+def test_the_tiny_recipe_runs_the_whole_chain(cli, tmp_path):
+    """convert -> finetune -> report, all from recipes/tiny-wan.toml, on the CPU."""
+    import json
+
+    mla, tuned, report = tmp_path / "mla", tmp_path / "ft", tmp_path / "report"
+    r = cli("convert", "--recipe", "tiny-wan", "-o", str(mla))
+    assert r.returncode == 0, r.stderr
+    r = cli("finetune", str(mla), "--recipe", "tiny-wan", "-o", str(tuned), "--steps", "4", "--clips", "6", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    agreement = json.loads((tuned / "agreement.json").read_text())
+    assert agreement["after"]["flow_relative_error_mean"] < agreement["before"]["flow_relative_error_mean"]
+    r = cli("analyze", str(tuned), "-o", str(report))
+    assert r.returncode == 0, r.stderr
+    layers = json.loads((report / "rank_report.json").read_text())["layers"]
+    assert all(layer["mla"]["dc"] == 64 for layer in layers)
