@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlaconvert import __version__
 from mlaconvert.errors import MlaconvertError
@@ -23,9 +24,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-SOURCE_HELP = (
-    "Hub repo id (org/name[@revision][/file]), a local folder, a checkpoint file, or builtin:tiny-wan."
-)
+SOURCE_HELP = "Hub repo id (org/name, org/name@revision, org/name/path/to/file.pt), a local folder, a checkpoint file, or builtin:tiny-wan."
 
 
 def _version(value: bool) -> None:
@@ -250,7 +249,7 @@ def main() -> None:
     except MlaconvertError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
@@ -268,7 +267,7 @@ def main() -> None:
         if debug:
             raise
         console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {e} (set MLACONVERT_DEBUG=1 for the traceback)",
+            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} (set MLACONVERT_DEBUG=1 for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -202,38 +202,45 @@ def sample(
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
 
     start = time.perf_counter()
-    with atomic_dir(out_dir, force) as tmp:
-        writer = decoder = None
-        if vae is not None:
-            from mlaconvert.video import Mp4Writer, StreamingDecoder, load_vae
-
-            decoder = StreamingDecoder(load_vae(vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16))
-            writer = Mp4Writer(tmp / "video.mp4", fps=VIDEO_FPS).__enter__()
-
-        def on_chunk(_first: int, x0: torch.Tensor) -> None:
-            if decoder is not None:
-                pixels = decoder.decode(x0)
-                writer.write(pixels[0])
-
+    with atomic_dir(out_dir, force) as tmp, contextlib.ExitStack() as videos:
+        decode = _video_sink(vae, tmp, text.shape[0], dev, videos)
         try:
             with _progress(frames, settings.chunk) as advance:
-                result = rollout(
-                    model, text, frames=frames, latent_size=latent_size, settings=settings,
-                    on_chunk=lambda first, x0: (on_chunk(first, x0), advance()),
-                )
+
+                def on_chunk(_first: int, x0: torch.Tensor) -> None:
+                    decode(x0)
+                    advance()
+
+                result = rollout(model, text, frames=frames, latent_size=latent_size, settings=settings, on_chunk=on_chunk)
         except torch.OutOfMemoryError:
             raise MlaconvertError(
                 f"out of GPU memory for batch {text.shape[0]} at {height}x{width} with a {settings.window}-frame window: "
                 "lower --batch, --window or the resolution"
             ) from None
-        finally:
-            if writer is not None:
-                writer.__exit__(None, None, None)
+        videos.close()  # finish the mp4 files before the folder is moved into place
         total = time.perf_counter() - start
         save_file({"latents": result.latents.contiguous()}, str(tmp / "latents.safetensors"), metadata={"prompts": json.dumps(prompt_list)})
         report = run_report(result, model_spec, cfg, settings, frames, (height, width), dev, total, prompt_list)
         write_json(tmp / "run.json", report)
     return report
+
+
+def _video_sink(vae: str | None, folder: Path, batch: int, dev: torch.device, stack: contextlib.ExitStack) -> Callable[[torch.Tensor], None]:
+    """Decode each finished chunk with the streaming VAE into one mp4 per stream (video.mp4, or video-<i>.mp4)."""
+    if vae is None:
+        return lambda _x0: None
+    from mlaconvert.video import Mp4Writer, StreamingDecoder, load_vae
+
+    decoder = StreamingDecoder(load_vae(vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16))
+    names = ["video.mp4"] if batch == 1 else [f"video-{i}.mp4" for i in range(batch)]
+    writers = [stack.enter_context(Mp4Writer(folder / name, fps=VIDEO_FPS)) for name in names]
+
+    def decode(x0: torch.Tensor) -> None:
+        pixels = decoder.decode(x0)
+        for writer, stream in zip(writers, pixels):
+            writer.write(stream)
+
+    return decode
 
 
 def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frames: int, size: tuple[int, int], dev: torch.device, total: float, prompts: list[str] | None) -> dict[str, Any]:
