@@ -227,3 +227,11 @@ def test_existing_output_and_mla_source_are_refused(cli, tmp_path):
     r = cli("analyze", str(out), "-o", str(tmp_path / "analysis"))
     assert r.returncode == 0, r.stderr
     assert "utilisation" in r.stdout.lower()
+
+
+def test_calibration_that_cannot_fit_gives_advice(tiny, monkeypatch):
+    monkeypatch.setattr("mlaconvert.calibration._available_memory", lambda device: 1000)
+    with pytest.raises(MlaconvertError, match="--init svd or --init random with --no-measure"):
+        convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"))
+    conv = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="svd", measure=False))  # no calibration: fine
+    assert conv.calibration is None
