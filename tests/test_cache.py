@@ -108,3 +108,14 @@ def test_cache_rejects_bad_windows(models):
         cache.step(3, commit=False)
     with pytest.raises(MlaconvertError, match="needs an MLA model"):
         LatentKVCache(models["dense"], batch=1, frame_shape=(2, 2), window=4)
+
+
+def test_reindexed_positions_stay_inside_the_window_for_any_length(models):
+    """An hour of video (14,400 latent frames) with bounded memory and positions Wan was trained on."""
+    cache = KVCache(models["mla"], batch=1, frame_shape=(1, 1), window=21, sink=3, positions="reindex")
+    nbytes = cache.nbytes
+    for _ in range(14_400 // 3):
+        step = cache.step(3, commit=True)
+    assert cache.frames_committed == 14_400 and cache.nbytes == nbytes
+    assert step.key_positions[:, 0].max().item() == 20 and step.query_positions[:, 0].tolist() == [18, 19, 20]
+    assert sorted(cache.slot_frame) == [0, 1, 2] + list(range(14_400 - 18, 14_400))
