@@ -17,12 +17,14 @@ The residual stream and all modulation run in float32 as in Wan; linear layers r
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from mlaconvert.config import WanConfig
@@ -105,7 +107,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         past: LayerKV | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         entries = self.entries(x)
         kv_positions = positions
@@ -113,7 +115,11 @@ class Attention(nn.Module):
             entries, kv_positions = past.extend(entries)
         q = self.queries(x, positions)
         k, v = self.keys_values(entries, kv_positions)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(mask, BlockMask):
+            out = _flex_attention(q.device.type)(q, k, v, block_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return _linear(self.o, out.transpose(1, 2).flatten(2))
 
 
@@ -247,7 +253,7 @@ class Block(nn.Module):
         context: torch.Tensor,
         positions: torch.Tensor,
         past: LayerKV | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
     ) -> torch.Tensor:
         # e0 is per latent frame; x is modulated frame by frame through a (B, F, tokens_per_frame, dim) view.
         b, frames = e0.shape[:2]
@@ -295,6 +301,9 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.head = Head(config)
         self.gradient_checkpointing = False
+        # Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see and needs no
+        # L x L mask in memory; "sdpa" takes a boolean mask; "auto" uses flex on CUDA.
+        self.attention_backend = "auto"
 
     def compile_blocks(self) -> None:
         """torch.compile every block (dynamic shapes: the cached window grows, batches vary). Fuses the many
@@ -337,14 +346,14 @@ class WanModel(nn.Module):
             positions = cache.query_positions
         elif chunk_frames is not None:
             chunk = torch.div(positions[:, 0] - first_frame, chunk_frames, rounding_mode="floor")
-            mask = chunk[None, :] <= chunk[:, None]
             if clean is not None:
                 latents = torch.cat([clean.to(latents.dtype), latents], dim=2)
                 t = torch.cat([torch.zeros_like(t), t], dim=1)
                 positions = torch.cat([positions, positions])
-                earlier = chunk[None, :] < chunk[:, None]
-                same = chunk[None, :] == chunk[:, None]
-                mask = torch.cat([torch.cat([mask, torch.zeros_like(mask)], 1), torch.cat([earlier, same], 1)], 0)
+            backend = self.attention_backend
+            if backend == "auto":
+                backend = "flex" if latents.is_cuda else "sdpa"
+            mask = chunk_mask(chunk, teacher_forcing=clean is not None, flex=backend == "flex")
         elif clean is not None:
             raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
 
@@ -364,6 +373,35 @@ class WanModel(nn.Module):
         if clean is not None:
             out = out[:, out.shape[1] // 2 :]
         return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+
+def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool, flex: bool) -> torch.Tensor | BlockMask:
+    """Who sees whom when frames run in chunks; chunk holds each token's chunk index.
+
+    Block-causal: a token sees its own chunk and earlier ones. Teacher forcing: the sequence is the clean clip
+    followed by its noisy copy; clean tokens are block-causal among themselves, a noisy token sees the clean chunks
+    before its own and its own noisy chunk — what a cached rollout does chunk by chunk.
+    """
+    n = chunk.numel()
+    full = torch.cat([chunk, chunk]) if teacher_forcing else chunk
+
+    def visible(_b, _h, q, kv):
+        cq, ckv = full[q], full[kv]
+        if not teacher_forcing:
+            return ckv <= cq
+        q_noisy, kv_noisy = q >= n, kv >= n
+        return torch.where(q_noisy, torch.where(kv_noisy, ckv == cq, ckv < cq), ~kv_noisy & (ckv <= cq))
+
+    if flex:
+        return create_block_mask(visible, None, None, full.numel(), full.numel(), device=full.device)
+    idx = torch.arange(full.numel(), device=full.device)
+    return visible(None, None, idx[:, None], idx[None, :])
+
+
+@functools.cache
+def _flex_attention(device_type: str):
+    # Compiled, flex attention runs a fused kernel that skips masked blocks; eager it is a slow reference (CPU).
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

@@ -119,3 +119,20 @@ def test_reindexed_positions_stay_inside_the_window_for_any_length(models):
     assert cache.frames_committed == 14_400 and cache.nbytes == nbytes
     assert step.key_positions[:, 0].max().item() == 20 and step.query_positions[:, 0].tolist() == [18, 19, 20]
     assert sorted(cache.slot_frame) == [0, 1, 2] + list(range(14_400 - 18, 14_400))
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_flex_attention_masks_equal_the_boolean_masks(models, kind):
+    """The block masks used on the GPU select exactly what the boolean masks do (flex runs eagerly here)."""
+    model = models[kind]
+    clean, text = clip(4)
+    noisy = torch.randn_like(clean)
+    t = torch.full((2, FRAMES), 400.0)
+    out = {}
+    with torch.no_grad():
+        for backend in ("sdpa", "flex"):
+            model.attention_backend = backend
+            out[backend] = (model(noisy, t, text, chunk_frames=CHUNK), model(noisy, t, text, chunk_frames=CHUNK, clean=clean))
+    model.attention_backend = "auto"
+    for a, b in zip(out["sdpa"], out["flex"]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
