@@ -322,12 +322,10 @@ def convert_source(
     device: str | None = None,
 ) -> tuple[Conversion, dict[str, Any]]:
     """Load SOURCE, convert it, and write the export folder `output` (atomically; refuses to overwrite without force)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from mlaconvert.export import write_export
     from mlaconvert.hub import load_source
     from mlaconvert.outputs import check_writable
+    from mlaconvert.progress import progress_bar
 
     output = Path(output)
     check_writable(output, force)
@@ -335,8 +333,7 @@ def convert_source(
     check_settings(settings, checkpoint.config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         tasks: dict[str, Any] = {}
 
         def on_step(stage: str, done: int, total: int) -> None:

@@ -796,8 +796,9 @@ def _finetune_report(trainer: Trainer, rows: list[dict[str, Any]], before: dict[
 def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes, *, teacher: str | None, data: str | Path | None,
          prompts: list[str] | None, encoder: str | None, cache_dir: str | Path | None, resume: bool, force: bool,
          stop_after: int | None, show_progress: bool) -> FinetuneResult:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
+
+    from mlaconvert.progress import progress_bar
 
     from mlaconvert.convert import weights_sha256
     from mlaconvert.rank import build_report
@@ -814,9 +815,7 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
                                dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     teacher_sha = weights_sha256(teacher_ckpt.files) or ""
 
-    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    progress = Progress(*columns, console=Console(stderr=True), transient=True, disable=not (show_progress and procs.main))
+    progress = progress_bar(TextColumn("{task.fields[info]}"), disable=not (show_progress and procs.main))
     with progress:
         clips = _training_clips(settings, config, teacher_model, teacher_sha, procs, progress, output=output, data=data,
                                 prompts=prompts, encoder=encoder, cache_dir=cache_dir)

@@ -349,16 +349,14 @@ def analyze_source(
 
     `config` (preset name or config.json) and `head_dim` go to the loader, for checkpoints without a config.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from mlaconvert.hub import load_source
+    from mlaconvert.progress import progress_bar
 
     check_options(dc, energy)
     out_dir = Path(out_dir)
     check_writable(out_dir, force)  # refuse before a possibly long download, not after it
     checkpoint = load_source(source, config=config, head_dim=head_dim)
-    columns = (TextColumn("spectra"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("spectra", total=checkpoint.config.num_layers)
         report = build_report(
             checkpoint.config,

@@ -288,10 +288,8 @@ def _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, bat
 
 @contextlib.contextmanager
 def _progress(frames: int, chunk: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from mlaconvert.progress import progress_bar
 
-    columns = (TextColumn("chunks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("chunks", total=-(-frames // chunk))
         yield lambda: progress.advance(task)

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mlaconvert.config import MLAConfig, WanConfig
+from mlaconvert.config import WanConfig
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.rank import (
     REPORT_JSON,
