@@ -44,6 +44,28 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class SamplerDefaults:
+    """The sampler a model was trained for; `sample`, `eval` and `finetune` use it unless told otherwise.
+
+    Wan's streaming models (Self-Forcing and kin) denoise each 3-frame chunk in 4 steps under shift 5 with a
+    21-frame window; a model trained from scratch on pixels may want more steps and no shift.
+    """
+
+    steps: int = 4  # denoising steps, evenly spaced from 1000 before the shift (4: 1000, 750, 500, 250)
+    shift: float = 5.0
+    chunk: int = 3  # latent frames per autoregressive chunk
+    window: int = 21  # attention span in latent frames, the current chunk included
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplerDefaults:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise MlaconvertError(f"unknown sampler setting(s) {', '.join(sorted(unknown))} in config.json; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class WanConfig:
     """Hyper-parameters of a Wan2.1-architecture DiT. Defaults are Wan2.1-T2V-1.3B."""
 
@@ -61,6 +83,13 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     rope_theta: float = 10000.0
+    # Pixels (and video frames) per latent position along (time, height, width): Wan's VAE is (4, 8, 8); a model
+    # that works on pixels directly has (1, 1, 1).
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    # What turns prompts into `text`: "umt5" (Wan's encoder, from a diffusers-layout repo) or "captions" (the
+    # built-in world's deterministic caption embedder, mlaconvert.world).
+    text_encoder: str = "umt5"
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
     mla: MLAConfig | None = None
 
     def __post_init__(self) -> None:
@@ -92,7 +121,7 @@ class WanConfig:
             if f.name == "mla":
                 continue
             v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
+            d[f.name] = list(v) if isinstance(v, tuple) else dataclasses.asdict(v) if f.name == "sampler" else v
         if self.mla is not None:
             d["_class_name"] = "WanMLAModel"
             d["mla"] = self.mla.to_dict()
@@ -103,8 +132,11 @@ class WanConfig:
         """Read a native Wan `config.json` (or an mlaconvert export's); unknown fields are ignored."""
         known = {f.name for f in dataclasses.fields(cls)} - {"mla"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
+        for name in ("patch_size", "vae_stride"):
+            if name in kwargs:
+                kwargs[name] = tuple(int(p) for p in kwargs[name])
+        if "sampler" in kwargs:
+            kwargs["sampler"] = SamplerDefaults.from_dict(dict(kwargs["sampler"]))
         if "qk_norm" in kwargs:
             kwargs["qk_norm"] = bool(kwargs["qk_norm"])
         mla = MLAConfig.from_dict(d["mla"]) if d.get("mla") else None
