@@ -92,13 +92,17 @@ def rollout(
     latent_size: tuple[int, int],
     settings: SamplerSettings = SamplerSettings(),
     noise: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Rollout:
     """Generate `frames` latent frames for each text embedding in `text` (B, L, text_dim).
 
     noise: optional initial noise (B, C, frames, h, w); otherwise drawn from `settings.seed`. All noise comes
-    from a CPU generator, so a seeded rollout is the same on any device. on_chunk(first_frame, x0) is called
-    with each finished chunk (on the model's device) — a streaming VAE decoder hooks in here.
+    from a CPU generator, so a seeded rollout is the same on any device. prefix: given frames (B, C, P, h, w)
+    committed to the cache first, chunk by chunk at t = 0 as if the model had generated them; the rollout
+    continues after them and its latents hold the prefix followed by the `frames` new ones (video extension).
+    on_chunk(first_frame, x0) is called with each finished chunk, prefix chunks included (on the model's
+    device) — a streaming VAE decoder hooks in here.
     """
     check_settings(settings, frames)
     cfg = model.config
@@ -106,11 +110,12 @@ def rollout(
     device, dtype = param.device, param.dtype
     batch = text.shape[0]
     h, w = latent_size
+    given = _check_prefix(prefix, batch, cfg.in_dim, latent_size)
     if h % cfg.patch_size[1] or w % cfg.patch_size[2]:
         raise MlaconvertError(f"latent size {h}x{w} is not divisible by the patch size {cfg.patch_size[1]}x{cfg.patch_size[2]}")
     positions = settings.positions
     if positions == "auto":
-        positions = "absolute" if frames <= ROPE_TABLE else "reindex"
+        positions = "absolute" if given + frames <= ROPE_TABLE else "reindex"
     cache = cache_for(
         model, batch=batch, frame_shape=(h // cfg.patch_size[1], w // cfg.patch_size[2]), window=settings.window,
         sink=settings.sink, positions=positions,
@@ -120,15 +125,23 @@ def rollout(
         noise = torch.randn(batch, cfg.in_dim, frames, h, w, generator=gen)
     sigmas = [t / 1000.0 for t in warp_timesteps(settings.steps, settings.shift)]
     text = text.to(device, dtype)
-    out = torch.empty(batch, cfg.out_dim, frames, h, w)
+    out = torch.empty(batch, cfg.out_dim, given + frames, h, w)
     result = Rollout(latents=out, cache_bytes=cache.nbytes, values_per_token=cache.values_per_token)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    for start in range(0, frames, settings.chunk):
-        n = min(settings.chunk, frames - start)
+    for start in range(0, given, settings.chunk):
+        x0 = prefix[:, :, start : start + settings.chunk].to(device, dtype)
+        n = x0.shape[2]
+        model(x0, torch.zeros(batch, n, device=device), text, cache=cache.step(n, commit=True))
+        out[:, :, start : start + n] = prefix[:, :, start : start + n].float().cpu()
+        if on_chunk is not None:
+            on_chunk(start, x0)
+    for first in range(0, frames, settings.chunk):
+        start = given + first
+        n = min(settings.chunk, frames - first)
         tic = time.perf_counter()
-        x = noise[:, :, start : start + n].to(device, dtype)
+        x = noise[:, :, first : first + n].to(device, dtype)
         for i, sigma in enumerate(sigmas):
             t = torch.full((batch, n), sigma * 1000.0, device=device)
             flow = model(x, t, text, cache=cache.step(n, commit=False))
@@ -146,6 +159,16 @@ def rollout(
     if device.type == "cuda":
         result.peak_memory = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def _check_prefix(prefix: torch.Tensor | None, batch: int, channels: int, latent_size: tuple[int, int]) -> int:
+    """Frames in the prefix (0 without one), after checking that it fits the rollout."""
+    if prefix is None:
+        return 0
+    expected = (batch, channels, "frames", *latent_size)
+    if prefix.ndim != 5 or (prefix.shape[0], prefix.shape[1], *prefix.shape[3:]) != (batch, channels, *latent_size):
+        raise MlaconvertError(f"the prefix has shape {tuple(prefix.shape)}; this rollout needs {expected}")
+    return prefix.shape[2]
 
 
 def resolve_device(device: str | None, config_params: int) -> torch.device:
