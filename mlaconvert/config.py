@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.world import WorldSettings
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class WanConfig:
     # built-in world's deterministic caption embedder, mlaconvert.world).
     text_encoder: str = "umt5"
     sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    # A model trained on the built-in world (mlaconvert.world) records which one, so `eval` can draw fresh clips of it.
+    world: WorldSettings | None = None
     mla: MLAConfig | None = None
 
     def __post_init__(self) -> None:
@@ -121,7 +124,12 @@ class WanConfig:
             if f.name == "mla":
                 continue
             v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else dataclasses.asdict(v) if f.name == "sampler" else v
+            if isinstance(v, tuple):
+                v = list(v)
+            elif dataclasses.is_dataclass(v):
+                v = dataclasses.asdict(v)
+            if v is not None:
+                d[f.name] = v
         if self.mla is not None:
             d["_class_name"] = "WanMLAModel"
             d["mla"] = self.mla.to_dict()
@@ -137,6 +145,8 @@ class WanConfig:
                 kwargs[name] = tuple(int(p) for p in kwargs[name])
         if "sampler" in kwargs:
             kwargs["sampler"] = SamplerDefaults.from_dict(dict(kwargs["sampler"]))
+        if kwargs.get("world") is not None:
+            kwargs["world"] = WorldSettings(**kwargs["world"])
         if "qk_norm" in kwargs:
             kwargs["qk_norm"] = bool(kwargs["qk_norm"])
         mla = MLAConfig.from_dict(d["mla"]) if d.get("mla") else None
