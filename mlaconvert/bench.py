@@ -32,8 +32,9 @@ GiB = 2**30
 @dataclass
 class BenchSettings:
     preset: str = "wan2.1-1.3b"
-    height: int = 480
+    height: int = 480  # pixels
     width: int = 832
+    steps: int | None = None  # denoising steps per chunk; None = the model's own (config.sampler)
     windows: tuple[int, ...] = (21,)
     chunks: tuple[int, ...] = (3,)
     batches: tuple[int, ...] = (1,)
@@ -94,7 +95,7 @@ def run_bench(settings: BenchSettings, *, device: str = "cuda", on_result: Calla
         raise MlaconvertError("bench measures GPU speed and memory and needs a CUDA device (--device cpu only with --preset tiny)")
     dense_cfg = TINY_WAN if settings.preset == "tiny" else preset(settings.preset)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    latent_size = check_video_size(settings.height, settings.width, dense_cfg.patch_size)
+    latent_size = check_video_size(settings.height, settings.width, dense_cfg)
     configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}
     rows: list[dict[str, Any]] = []
     streams: dict[str, Any] = {}
@@ -107,7 +108,7 @@ def run_bench(settings: BenchSettings, *, device: str = "cuda", on_result: Calla
         weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
         for window in settings.windows:
             for chunk in settings.chunks:
-                sampler = SamplerSettings(chunk=chunk, window=window, seed=settings.seed)
+                sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
                 frames = window + chunk * settings.timed_chunks
                 if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
                     _measure(model, 1, window + chunk, latent_size, sampler)
@@ -134,7 +135,9 @@ def run_bench(settings: BenchSettings, *, device: str = "cuda", on_result: Calla
                     }
         if settings.long_seconds > 0:
             frames = latent_frames_for(settings.long_seconds)
-            sampler = SamplerSettings(chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed)
+            sampler = SamplerSettings.for_model(
+                dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
+            )
             long[variant] = {**_measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
         long.setdefault("weights_gib", {})[variant] = weights_gib
         del model

@@ -24,6 +24,9 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
+STEPS_HELP = "Denoising steps per chunk, evenly spaced from 1000 before the shift (4: 1000,750,500,250; default: the model's own)."
+TIMESTEPS_HELP = "The denoising timesteps themselves, before the shift: a descending comma list in (0, 1000], e.g. 1000,500 (instead of --steps)."
+SHIFT_HELP = "Flow-matching timestep shift (default: the model's own)."
 SOURCE_HELP = "Hub repo id (org/name, org/name@revision, org/name/path/to/file.pt), a local folder, a checkpoint file, or builtin:tiny-wan."
 
 
@@ -72,29 +75,29 @@ def sample(
     height: int = typer.Option(480, "--height", help="Video height in pixels (multiple of 16)."),
     width: int = typer.Option(832, "--width", help="Video width in pixels (multiple of 16)."),
     batch: int = typer.Option(1, "--batch", help="Streams at once with --random-text."),
-    chunk: int = typer.Option(3, "--chunk", help="Latent frames per autoregressive chunk."),
-    window: int = typer.Option(21, "--window", help="Attention span in latent frames, the current chunk included."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per autoregressive chunk (default: the model's own)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Attention span in latent frames, the current chunk included (default: the model's own)."),
     sink: int = typer.Option(0, "--sink", help="First latent frames kept in the cache forever."),
-    steps: str = typer.Option("1000,750,500,250", "--steps", help="Denoising timesteps before the shift."),
-    shift: float = typer.Option(5.0, "--shift", help="Flow-matching timestep shift."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
     positions: str = typer.Option("auto", "--positions", help="RoPE positions: absolute, reindex (inside the window) or auto."),
     seed: int = typer.Option(0, "--seed", help="Seed for all noise."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda (default) or cpu for tiny models."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
     """Stream a video chunk by chunk with the model's KV cache (dense or latent); latents always, mp4 with --vae."""
-    from mlaconvert.sampling import SamplerSettings
+    from mlaconvert.sampling import parse_timesteps
     from mlaconvert.sampling import sample as run_sample
 
-    try:
-        step_list = tuple(float(x) for x in steps.split(","))
-    except ValueError:
-        raise MlaconvertError(f"--steps must be comma-separated numbers (got '{steps}')") from None
-    settings = SamplerSettings(chunk=chunk, window=window, sink=sink, steps=step_list, shift=shift, positions=positions, seed=seed)
+    sampler = dict(
+        steps=steps, timesteps=parse_timesteps(timesteps) if timesteps else None, shift=shift, chunk=chunk, window=window,
+        sink=sink, positions=positions, seed=seed,
+    )
     report = run_sample(
         model, output, frames=frames, seconds=seconds, height=height, width=width, prompts=prompt,
         prompt_embeds=prompt_embeds, random_text=random_text, text_encoder=text_encoder, vae=vae, batch=batch,
-        settings=settings, device=device, force=force,
+        sampler=sampler, device=device, force=force,
     )
     peak = report["peak_memory_bytes"]
     out.print(
@@ -111,6 +114,7 @@ def bench(
     output: Path = typer.Option(Path("docs/benchmarks"), "-o", "--output", help="Folder for bench-<device>.json and .png."),
     height: int = typer.Option(480, "--height"),
     width: int = typer.Option(832, "--width"),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     window: list[int] = typer.Option([21], "--window", help="Window sizes (repeat the option for a grid)."),
     chunk: list[int] = typer.Option([3], "--chunk", help="Chunk sizes (repeatable)."),
     batch: list[int] = typer.Option([1], "--batch", help="Batch sizes (repeatable)."),
@@ -126,7 +130,7 @@ def bench(
     from mlaconvert.bench import BenchSettings, print_bench, run_bench, write_bench
 
     settings = BenchSettings(
-        preset=preset_name, height=height, width=width, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
+        preset=preset_name, height=height, width=width, steps=steps, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
         dc=dc, rope_dim=rope_dim, timed_chunks=timed_chunks, long_seconds=long_seconds, budget_gib=budget,
         compile=compile_blocks,
     )
@@ -186,7 +190,7 @@ def finetune(
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, checkpoint, loss plot, agreement, and the fine-tuned export."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): [finetune] settings."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 200)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default 200)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Clips per step over all processes (default 1)."),
     accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Micro-batches per step in each process (default 1)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of AdamW (default 1e-4)."),
@@ -195,9 +199,12 @@ def finetune(
     layer_loss_weight: Optional[float] = typer.Option(None, "--layer-loss-weight", help="Weight of per-layer self-attention-output matching (default 0)."),
     clips: Optional[int] = typer.Option(None, "--clips", help="Teacher-generated clips, 2 of them held out (default 16)."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames per generated clip (default 6)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Latent height of generated clips (pixels / 8; default 16)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Latent width of generated clips (pixels / 8; default 16)."),
-    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per chunk, as the sampler runs (default 3)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height of generated clips in pixels (default 128)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width of generated clips in pixels (default 128)."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per chunk, as the sampler runs (default: the model's own)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP + " For the teacher's clips and the agreement measure."),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 50)."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="Activation checkpointing (default on)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order, timesteps, noise and generated clips (default 0)."),
@@ -212,10 +219,12 @@ def finetune(
     """Brief data-free distillation of an MLA export from its dense teacher; writes the fine-tuned export."""
     from mlaconvert.finetune import FinetuneSettings, finetune as run_finetune
     from mlaconvert.recipes import load_recipe, merge
+    from mlaconvert.sampling import parse_timesteps
 
     plan = load_recipe(recipe) if recipe else {}
     overrides = dict(
-        steps=steps, batch=batch, accumulate=accumulate, lr=lr, warmup=warmup, train=train, layer_loss_weight=layer_loss_weight,
+        max_steps=max_steps, sampler_steps=steps, sampler_timesteps=parse_timesteps(timesteps) if timesteps else None, shift=shift,
+        batch=batch, accumulate=accumulate, lr=lr, warmup=warmup, train=train, layer_loss_weight=layer_loss_weight,
         clips=clips, frames=frames, height=height, width=width, chunk=chunk, checkpoint_every=checkpoint_every,
         gradient_checkpointing=checkpointing, seed=seed,
     )

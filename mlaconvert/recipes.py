@@ -20,6 +20,13 @@ from typing import Any
 from mlaconvert.errors import MlaconvertError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Keys of older recipes whose meaning moved: each gets a one-line error naming its replacement.
+RENAMED = {
+    "finetune": {
+        "steps": "max_steps (optimizer steps; the sampler's denoising steps are sampler_steps)",
+        "timesteps": "timestep_mode (list or uniform)",
+    },
+}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -37,6 +44,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def merge(settings_type: type, section: dict[str, Any], overrides: dict[str, Any], where: str) -> Any:
     """Build `settings_type` (a dataclass) from a recipe section, then explicit (non-None) overrides."""
+    for key in section:
+        if key in RENAMED.get(where, {}):
+            raise MlaconvertError(f"[{where}] {key} was replaced by {RENAMED[where][key]}")
     known = {f.name for f in fields(settings_type)}
     unknown = set(section) - known
     if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 
 from mlaconvert.convert import ConvertSettings
 from mlaconvert.errors import MlaconvertError
@@ -31,6 +32,13 @@ def test_explicit_options_override_and_unknown_keys_are_refused():
         load_recipe("no-such-recipe")
 
 
+def test_old_keys_say_what_replaced_them():
+    from mlaconvert.finetune import FinetuneSettings
+
+    with pytest.raises(MlaconvertError, match=r"\[finetune\] steps was replaced by max_steps"):
+        merge(FinetuneSettings, {"steps": 50}, {}, "finetune")
+
+
 def test_the_tiny_recipe_runs_the_whole_chain(cli, tmp_path):
     """convert -> finetune -> report, all from recipes/tiny-wan.toml, on the CPU."""
     import json
@@ -38,8 +46,12 @@ def test_the_tiny_recipe_runs_the_whole_chain(cli, tmp_path):
     mla, tuned, report = tmp_path / "mla", tmp_path / "ft", tmp_path / "report"
     r = cli("convert", "--recipe", "tiny-wan", "-o", str(mla))
     assert r.returncode == 0, r.stderr
-    r = cli("finetune", str(mla), "--recipe", "tiny-wan", "-o", str(tuned), "--steps", "4", "--clips", "6", "--device", "cpu")
+    r = cli("finetune", str(mla), "--recipe", "tiny-wan", "-o", str(tuned), "--max-steps", "4", "--clips", "6", "--device", "cpu")
     assert r.returncode == 0, r.stderr
+    assert "4 steps" in r.stdout
+    # The recipe's 128x128 pixels are 16x16 latents through the tiny model's VAE stride of 8.
+    (clips,) = (tuned / "data").glob("*/clips.safetensors")
+    assert load_file(clips)["latents"].shape[-2:] == (16, 16)
     agreement = json.loads((tuned / "agreement.json").read_text())
     assert agreement["after"]["flow_relative_error_mean"] < agreement["before"]["flow_relative_error_mean"]
     r = cli("analyze", str(tuned), "-o", str(report))
