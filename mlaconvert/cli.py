@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -171,9 +174,15 @@ def convert(
     if isinstance(section.get("dc"), str):
         section["dc"] = parse_dc(section["dc"])
     settings = merge(ConvertSettings, section, overrides, "convert")
-    _, report = convert_source(
-        source, output, settings, force=force, config=config or plan.get("config"), head_dim=head_dim, device=device
-    )
+    def left_behind() -> str:
+        again = _rerun("--force") if output.exists() else shlex.join(["mlaconvert", *sys.argv[1:]])
+        kept = f"'{output}' is as it was before" if output.exists() else f"nothing was written to '{output}'"
+        return f"convert stopped before it finished; {kept} (no partial export is left); to convert, run again: {again}"
+
+    with _on_interrupt(left_behind):
+        _, report = convert_source(
+            source, output, settings, force=force, config=config or plan.get("config"), head_dim=head_dim, device=device
+        )
     print_report(report, out)
     cache = report["cache"]
     out.print(
@@ -234,10 +243,16 @@ def finetune(
         if not prompts.is_file():
             raise MlaconvertError(f"no such prompts file: '{prompts}'")
         prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-    result = run_finetune(
-        model, output, settings, teacher=teacher, data=data, prompts=prompt_list, encoder=encoder, cache_dir=cache_dir,
-        device=device, resume=resume, force=force,
-    )
+    def left_behind() -> str:
+        if (output / "checkpoint" / "state.pt").is_file():
+            return f"finetune stopped; '{output}' keeps its latest checkpoint, log and clips; continue with: {_rerun('--resume')}"
+        return f"finetune stopped before its first checkpoint ('{output}' keeps any generated clips); start again with: {_rerun('--force')}"
+
+    with _on_interrupt(left_behind):
+        result = run_finetune(
+            model, output, settings, teacher=teacher, data=data, prompts=prompt_list, encoder=encoder, cache_dir=cache_dir,
+            device=device, resume=resume, force=force,
+        )
     if result.report is None:  # another process of a torchrun job: rank 0 reports
         return
     info = result.report["finetune"]
@@ -250,34 +265,44 @@ def finetune(
     out.print(f"wrote {output}")
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
-    debug = bool(os.environ.get("MLACONVERT_DEBUG"))
+class Interrupted(Exception):
+    """Ctrl-C during a long job, with what it leaves behind and how to carry on (exit status 130)."""
+
+
+@contextlib.contextmanager
+def _on_interrupt(explain: Callable[[], str]) -> Iterator[None]:
+    # typer turns a KeyboardInterrupt into a bare exit status; catching it here keeps the job's context.
     try:
-        app(standalone_mode=False)
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(explain()) from None
+
+
+def _rerun(flag: str) -> str:
+    """This very command line with `flag` instead of --force/--resume: what to run to carry on."""
+    args = [a for a in sys.argv[1:] if a not in ("--force", "--resume")]
+    return shlex.join(["mlaconvert", *args, flag])
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 1, usage errors click's usage
+    message and status 2, Ctrl-C one line and status 130; anything else is a bug and shows its traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except Interrupted as e:
+        console.print(f"[bold red]interrupted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(130)
     except MlaconvertError as e:
-        if debug:
+        if os.environ.get("MLACONVERT_DEBUG"):
             raise
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("interrupted", highlight=False)
-        sys.exit(130)
-    except typer.Exit as e:
+    except typer.TyperException as e:  # click's usage errors, as typer (which bundles its own click) raises them
+        e.show()
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors and anything unforeseen still get one line
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        if debug:
-            raise
-        console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} (set MLACONVERT_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+    except typer.Abort:
+        console.print("aborted", highlight=False)
         sys.exit(1)
+    if code == 130:  # typer's answer to a Ctrl-C outside the long jobs
+        console.print("interrupted; nothing was written", highlight=False)
+    sys.exit(code if isinstance(code, int) else 0)
