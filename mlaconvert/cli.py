@@ -169,7 +169,7 @@ def convert(
     source = source or plan.get("source")
     if not source:
         raise MlaconvertError("give a SOURCE, or a --recipe that names one")
-    overrides = dict(dc=parse_dc(dc) if dc else None, rope_dim=rope_dim, init=init, q_rank=q_rank, seed=seed, energy=energy, measure=measure)
+    overrides = dict(dc=parse_dc(dc) if dc is not None else None, rope_dim=rope_dim, init=init, q_rank=q_rank, seed=seed, energy=energy, measure=measure)
     section = dict(plan.get("convert", {}))
     if isinstance(section.get("dc"), str):
         section["dc"] = parse_dc(section["dc"])

@@ -245,6 +245,10 @@ def sample(
 
     out_dir = Path(out_dir)
     check_writable(out_dir, force)
+    if frames is not None and seconds is not None:
+        raise MlaconvertError("--frames and --seconds both set the length: give one of them")
+    if seconds is not None and seconds <= 0:
+        raise MlaconvertError(f"--seconds must be positive (got {seconds:g})")
     if frames is None:
         frames = latent_frames_for(seconds if seconds is not None else 5.0)
     checkpoint = load_source(model_spec)

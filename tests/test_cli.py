@@ -80,3 +80,8 @@ def test_an_interrupted_finetune_exits_130_and_says_resume(cli, tmp_path, monkey
     resumed = r.stderr.split("continue with: ")[1].split()
     r = cli(*resumed[1:])
     assert r.returncode == 0, r.stderr
+
+
+def test_an_empty_dc_is_refused_not_taken_as_the_default(cli, tmp_path):
+    r = cli("convert", "builtin:tiny-wan", "--dc", "", "-o", str(tmp_path / "o"))
+    assert r.returncode == 1 and "--dc must be an integer" in r.stderr and not (tmp_path / "o").exists()

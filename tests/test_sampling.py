@@ -155,6 +155,7 @@ def test_sample_cli_writes_latents_and_report(cli, tmp_path, kind, mla_export):
         (["--sink", "20"], "must fit in --window"),
         (["--device", "cuda"], "no CUDA device"),
         ([], "exactly one of --prompt"),
+        (["--seconds", "0"], "--frames and --seconds both"),
     ],
 )
 def test_sample_bad_input_gives_one_line(cli, tmp_path, args, message):
@@ -187,3 +188,8 @@ def test_sample_streams_through_a_vae_into_an_mp4(cli, tmp_path):
     meta = next(reader)
     assert tuple(meta["size"]) == (48, 64)
     assert sum(1 for _ in reader) == 1 + 4 * 5  # the first latent frame decodes to one video frame, the rest to four
+
+
+def test_seconds_must_be_positive(cli, tmp_path):
+    r = cli("sample", "builtin:tiny-wan", "--random-text", "--seconds", "0", "--device", "cpu", "-o", str(tmp_path / "s"))
+    assert r.returncode == 1 and "--seconds must be positive" in r.stderr and not (tmp_path / "s").exists()
