@@ -324,11 +324,11 @@ def convert_source(
     """Load SOURCE, convert it, and write the export folder `output` (atomically; refuses to overwrite without force)."""
     from mlaconvert.export import write_export
     from mlaconvert.hub import load_source
-    from mlaconvert.outputs import check_writable
+    from mlaconvert.outputs import claim_output
     from mlaconvert.progress import progress_bar
 
     output = Path(output)
-    check_writable(output, force)
+    claim_output(output, force)
     checkpoint = load_source(source, config=config, head_dim=head_dim)
     check_settings(settings, checkpoint.config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

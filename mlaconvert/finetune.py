@@ -624,6 +624,8 @@ def _prepare_output(output: Path, *, force: bool, resume: bool) -> None:
     if resume:
         _read_run(output)
         return
+    if not force and (output / CHECKPOINT_DIR / "state.pt").is_file():
+        raise MlaconvertError(f"'{output}' already holds a finetune run: pass --resume to continue it from its checkpoint, or --force to start over")
     check_writable(output, force)
     if output.exists():
         # Starting over: the earlier run's state goes; its cached clips stay (they are keyed by what made them).

@@ -78,6 +78,8 @@ def test_an_interrupted_finetune_exits_130_and_says_resume(cli, tmp_path, monkey
     assert "latest checkpoint" in r.stderr and r.stderr.strip().endswith("--resume")
     monkeypatch.setattr(Trainer, "step", step)
     resumed = r.stderr.split("continue with: ")[1].split()
+    r = cli("finetune", str(tmp_path / "mla"), "-o", str(out), "--device", "cpu")
+    assert r.returncode == 1 and "pass --resume to continue it" in r.stderr
     r = cli(*resumed[1:])
     assert r.returncode == 0, r.stderr
 
@@ -85,3 +87,25 @@ def test_an_interrupted_finetune_exits_130_and_says_resume(cli, tmp_path, monkey
 def test_an_empty_dc_is_refused_not_taken_as_the_default(cli, tmp_path):
     r = cli("convert", "builtin:tiny-wan", "--dc", "", "-o", str(tmp_path / "o"))
     assert r.returncode == 1 and "--dc must be an integer" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_outputs_are_checked_and_claimed_before_the_work(cli, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "file").write_text("x")
+    r = cli("convert", "builtin:tiny-wan", "-o", str(tmp_path / "file" / "out"))
+    assert r.returncode == 1 and f"'{tmp_path / 'file'}' is a file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    # A second convert into the same folder while the first runs (a live process holds the claim) refuses at once.
+    out = tmp_path / "mla"
+    (tmp_path / ".mla.lock").write_text(str(os.getppid()))
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out))
+    assert r.returncode == 1 and f"process {os.getppid()}) is writing '{out}'" in r.stderr
+    (tmp_path / ".mla.lock").write_text("999999999")  # a claim whose process died is taken over
+
+    monkeypatch.setattr("os.access", lambda *_a: False)  # a read-only folder (root ignores chmod)
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out))
+    assert r.returncode == 1 and f"no permission to write in '{tmp_path}'" in r.stderr
+    monkeypatch.undo()
+    r = cli("convert", "builtin:tiny-wan", "--dc", "32", "--no-measure", "-o", str(out))
+    assert r.returncode == 0, r.stderr

@@ -98,7 +98,7 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
     assert not stopped.exported and not (work / "killed" / "model.safetensors").exists()
     with pytest.raises(MlaconvertError, match="another run.*lr"):
         run(work, "killed", dataclasses.replace(settings, lr=2e-3), resume=True)
-    with pytest.raises(MlaconvertError, match="already exists"):
+    with pytest.raises(MlaconvertError, match="already holds a finetune run: pass --resume"):
         run(work, "killed", settings)
     resumed = run(work, "killed", settings, resume=True)
 
@@ -165,7 +165,7 @@ def test_cli_finetunes_the_builtin_and_refuses_to_overwrite(work: Path) -> None:
     assert json.loads((work / "cli" / "rank_report.json").read_text())["finetune"]["settings"]["lr"] == 1e-3  # from the recipe
     again = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=300)
     assert again.returncode == 1
-    assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+    assert again.stderr.strip().count("\n") == 0 and "already holds a finetune run" in again.stderr
 
 
 def test_bad_inputs_are_one_line_errors(work: Path, tmp_path: Path) -> None:
