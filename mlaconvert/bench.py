@@ -21,6 +21,7 @@ import torch
 from mlaconvert import __version__
 from mlaconvert.builtin import TINY_WAN
 from mlaconvert.config import MLAConfig, WanConfig, preset
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.model import WanModel
 from mlaconvert.progress import progress_bar
@@ -91,15 +92,15 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
     }
 
 
-def run_bench(settings: BenchSettings, *, device: str = "cuda", on_result: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run_bench(settings: BenchSettings, *, device: str | None = None, on_result: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
 
     device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MlaconvertError("bench measures GPU speed and memory and needs a CUDA device (--device cpu only with --preset tiny)")
     dense_cfg = TINY_WAN if settings.preset == "tiny" else preset(settings.preset)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in WanModel(dense_cfg).parameters())
+    dev = choose_device(device, params)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     latent_size = check_video_size(settings.height, settings.width, dense_cfg)
     configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}

@@ -30,6 +30,7 @@ out = Console()
 STEPS_HELP = "Denoising steps per chunk, evenly spaced from 1000 before the shift (4: 1000,750,500,250; default: the model's own)."
 TIMESTEPS_HELP = "The denoising timesteps themselves, before the shift: a descending comma list in (0, 1000], e.g. 1000,500 (instead of --steps)."
 SHIFT_HELP = "Flow-matching timestep shift (default: the model's own)."
+DEVICE_HELP = "cuda or cpu (default: cuda when available, else the CPU; a full-size model needs --device cpu to run there)."
 SOURCE_HELP = "Hub repo id (org/name, org/name@revision, org/name/path/to/file.pt), a local folder, a checkpoint file, or builtin:tiny-wan."
 
 
@@ -86,7 +87,7 @@ def sample(
     shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
     positions: str = typer.Option("auto", "--positions", help="RoPE positions: absolute, reindex (inside the window) or auto."),
     seed: int = typer.Option(0, "--seed", help="Seed for all noise."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda (default) or cpu for tiny models."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
     """Stream a video chunk by chunk with the model's KV cache (dense or latent); latents always, mp4 with --vae."""
@@ -115,18 +116,18 @@ def sample(
 def bench(
     preset_name: str = typer.Option("wan2.1-1.3b", "--preset", help="Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny."),
     output: Path = typer.Option(Path("docs/benchmarks"), "-o", "--output", help="Folder for bench-<device>.json and .png."),
-    height: int = typer.Option(480, "--height"),
-    width: int = typer.Option(832, "--width"),
+    height: int = typer.Option(480, "--height", help="Video height in pixels."),
+    width: int = typer.Option(832, "--width", help="Video width in pixels."),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     window: list[int] = typer.Option([21], "--window", help="Window sizes (repeat the option for a grid)."),
     chunk: list[int] = typer.Option([3], "--chunk", help="Chunk sizes (repeatable)."),
     batch: list[int] = typer.Option([1], "--batch", help="Batch sizes (repeatable)."),
-    dc: int = typer.Option(192, "--dc"),
-    rope_dim: int = typer.Option(32, "--rope-dim"),
+    dc: int = typer.Option(192, "--dc", help="Latent width of the MLA variant (values per token and layer, besides the rope key)."),
+    rope_dim: int = typer.Option(32, "--rope-dim", help="Width of the MLA variant's shared 3D-RoPE key."),
     timed_chunks: int = typer.Option(4, "--timed-chunks", help="Chunks timed after the window is full."),
     long_seconds: float = typer.Option(60.0, "--long-seconds", help="Length of the peak-memory rollout (0 skips it)."),
     budget: float = typer.Option(80.0, "--budget-gib", help="Memory budget for the concurrent-streams estimate."),
-    device: str = typer.Option("cuda", "--device", help="cuda; cpu only with --preset tiny."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the blocks of both variants."),
 ) -> None:
     """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget."""
@@ -147,7 +148,7 @@ def bench(
 def convert(
     source: Optional[str] = typer.Argument(None, help=SOURCE_HELP + " Optional with --recipe."),
     output: Path = typer.Option(..., "-o", "--output", help="Export folder (model.safetensors, config.json, rank report, README)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): source and [convert] settings."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): source and \\[convert] settings."),
     dc: Optional[str] = typer.Option(None, "--dc", help="Latent width (default 192): an integer, 'auto' (per layer from --energy), a comma list, or a .json/.toml list."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="Width of the shared decoupled 3D-RoPE key (default 32)."),
     init: Optional[str] = typer.Option(None, "--init", help="svd (weights, default), asvd (activation-aware, calibrated) or random."),
@@ -155,7 +156,7 @@ def convert(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for calibration inputs and random init (default 0)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Energy that defines effective ranks, and dc for --dc auto (default 0.99)."),
     measure: Optional[bool] = typer.Option(None, "--measure/--no-measure", help="Calibration pass measuring K/V/attention error (default on)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     config: Optional[str] = typer.Option(None, "--config", help="Preset name or config.json for checkpoints without one."),
     head_dim: int = typer.Option(128, "--head-dim", help="Head width assumed when a .pt checkpoint has no config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
@@ -198,7 +199,7 @@ def finetune(
     model: str = typer.Argument(..., help="An MLA export (a folder written by `convert`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, checkpoint, loss plot, agreement, and the fine-tuned export."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): [finetune] settings."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): \\[finetune] settings."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default 200)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Clips per step over all processes (default 1)."),
     accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Micro-batches per step in each process (default 1)."),
@@ -221,7 +222,7 @@ def finetune(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line, for generated clips (needs the umT5 encoder)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Diffusers-layout repo or folder with text_encoder/ and tokenizer/ for --prompts."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where generated clips are cached (default OUT/data)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
 ) -> None:

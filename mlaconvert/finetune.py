@@ -51,6 +51,7 @@ from torch import nn
 
 from mlaconvert.agreement import teacher_agreement
 from mlaconvert.config import WanConfig
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.formats import Checkpoint
 from mlaconvert.model import WanModel, load_model
@@ -444,11 +445,10 @@ class Processes:
 def _processes(device: str | None) -> Processes:
     """One process, or one of WORLD_SIZE started by torchrun (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise MlaconvertError("--device cuda was asked for but no CUDA device is available")
+    chosen = choose_device(device)
+    cuda = chosen.type == "cuda"
     if world == 1:
-        return Processes(0, 1, torch.device(device or ("cuda" if cuda else "cpu")), False)
+        return Processes(0, 1, chosen, False)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mlaconvert.config import WanConfig
+from mlaconvert.devices import choose_device
 
 from mlaconvert.cache import cache_for
 from mlaconvert.errors import MlaconvertError
@@ -200,20 +201,6 @@ def rollout(
     return result
 
 
-def resolve_device(device: str | None, config_params: int) -> torch.device:
-    """cuda by default; a full-size model needs it, a tiny one may run on the CPU."""
-    if device is None:
-        device = "cuda"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        if config_params > 100_000_000:
-            raise MlaconvertError("no CUDA device found: sampling a full-size model needs a GPU")
-        raise MlaconvertError("no CUDA device found: pass --device cpu (fine for tiny models like builtin:tiny-wan)")
-    if dev.type == "cpu" and config_params > 100_000_000:
-        raise MlaconvertError(f"a {config_params / 1e9:.1f}B-parameter model on the CPU would take hours per chunk: use --device cuda")
-    return dev
-
-
 def sample(
     model_spec: str,
     out_dir: str | Path,
@@ -257,7 +244,7 @@ def sample(
     settings = SamplerSettings.for_model(cfg, **(sampler or {}))
     check_settings(settings, frames)
     params = sum(t.numel() for t in checkpoint.state_dict.values())
-    dev = resolve_device(device, params)
+    dev = choose_device(device, params)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     text, prompt_list = _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, batch, settings.seed, dev)
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()

@@ -33,5 +33,7 @@ def test_mla_variant_uses_wans_leading_pairs_per_axis():
 
 def test_bench_without_cuda_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(MlaconvertError, match="needs a CUDA device"):
+    with pytest.raises(MlaconvertError, match="no CUDA device found; pass --device cpu"):
         run_bench(BenchSettings(), device="cuda")
+    with pytest.raises(MlaconvertError, match=r"\d\.\dB-parameter model on the CPU would take hours; pass --device cpu"):
+        run_bench(BenchSettings())  # the default device policy never lands a full-size model on the CPU

@@ -109,3 +109,10 @@ def test_outputs_are_checked_and_claimed_before_the_work(cli, tmp_path, monkeypa
     monkeypatch.undo()
     r = cli("convert", "builtin:tiny-wan", "--dc", "32", "--no-measure", "-o", str(out))
     assert r.returncode == 0, r.stderr
+
+
+def test_help_keeps_the_section_names_and_gives_bench_units(cli):
+    r = cli("convert", "--help")
+    assert "[convert]" in r.stdout
+    r = cli("bench", "--help")
+    assert "pixels" in r.stdout and "Latent width" in r.stdout
