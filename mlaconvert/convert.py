@@ -325,13 +325,14 @@ def convert_source(
     from mlaconvert.devices import choose_device
     from mlaconvert.export import write_export
     from mlaconvert.hub import load_source
-    from mlaconvert.outputs import claim_output
+    from mlaconvert.outputs import check_writable, claim_output
     from mlaconvert.progress import progress_bar
 
     output = Path(output)
-    claim_output(output, force)
+    check_writable(output, force)
     checkpoint = load_source(source, config=config, head_dim=head_dim)
     check_settings(settings, checkpoint.config)
+    claim_output(output, force)  # from here until this process ends, a second convert into `output` refuses
     dev = choose_device(device, sum(t.numel() for t in checkpoint.state_dict.values()))
     start = time.perf_counter()
     with progress_bar() as progress:
