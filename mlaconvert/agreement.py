@@ -104,7 +104,7 @@ def teacher_agreement(
     timesteps of the flow errors and drive the rollouts (which cover as many frames as the clips have).
     """
     frames, latent_size = clips.shape[2], (clips.shape[3], clips.shape[4])
-    timesteps = warp_timesteps(settings.steps, settings.shift)
+    timesteps = warp_timesteps(settings.timesteps, settings.shift)
     errors = flow_errors(student, teacher, clips, text, chunk=settings.chunk, timesteps=timesteps, seed=seed)
     psnr = rollout_psnr(student, teacher, text, frames=frames, latent_size=latent_size, settings=settings)
     return {

@@ -21,8 +21,10 @@ import torch
 from mlaconvert import __version__
 from mlaconvert.builtin import TINY_WAN
 from mlaconvert.config import MLAConfig, WanConfig, preset
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.model import WanModel
+from mlaconvert.progress import progress_bar
 from mlaconvert.rope import leading_rope_pairs
 from mlaconvert.sampling import FRAMES_PER_LATENT, SamplerSettings, check_video_size, latent_frames_for, rollout
 
@@ -32,8 +34,9 @@ GiB = 2**30
 @dataclass
 class BenchSettings:
     preset: str = "wan2.1-1.3b"
-    height: int = 480
+    height: int = 480  # pixels
     width: int = 832
+    steps: int | None = None  # denoising steps per chunk; None = the model's own (config.sampler)
     windows: tuple[int, ...] = (21,)
     chunks: tuple[int, ...] = (3,)
     batches: tuple[int, ...] = (1,)
@@ -63,6 +66,11 @@ def random_model(config: WanConfig, device: torch.device, dtype: torch.dtype, se
     return model.to(dtype).eval()
 
 
+def _rollouts_per_variant(settings: BenchSettings) -> int:
+    grid = len(settings.windows) * len(settings.chunks) * (len(set(settings.batches) | {1, 2}) + settings.compile)
+    return grid + (settings.long_seconds > 0)
+
+
 def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], settings: SamplerSettings) -> dict[str, Any]:
     cfg = model.config
     text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(settings.seed)) * 0.1
@@ -84,61 +92,71 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
     }
 
 
-def run_bench(settings: BenchSettings, *, device: str = "cuda", on_result: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run_bench(settings: BenchSettings, *, device: str | None = None, on_result: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
 
     device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MlaconvertError("bench measures GPU speed and memory and needs a CUDA device (--device cpu only with --preset tiny)")
     dense_cfg = TINY_WAN if settings.preset == "tiny" else preset(settings.preset)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in WanModel(dense_cfg).parameters())
+    dev = choose_device(device, params)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    latent_size = check_video_size(settings.height, settings.width, dense_cfg.patch_size)
+    latent_size = check_video_size(settings.height, settings.width, dense_cfg)
     configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}
     rows: list[dict[str, Any]] = []
     streams: dict[str, Any] = {}
     long: dict[str, Any] = {}
     start = time.perf_counter()
-    for variant in settings.variants:
-        model = random_model(configs[variant], dev, dtype, settings.seed)
-        if settings.compile:
-            model.compile_blocks()
-        weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
-        for window in settings.windows:
-            for chunk in settings.chunks:
-                sampler = SamplerSettings(chunk=chunk, window=window, seed=settings.seed)
-                frames = window + chunk * settings.timed_chunks
-                if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
-                    _measure(model, 1, window + chunk, latent_size, sampler)
-                peaks = {}
-                for batch in sorted(set(settings.batches) | {1, 2}):
-                    try:
-                        row = {"variant": variant, **_measure(model, batch, frames, latent_size, sampler)}
-                    except torch.OutOfMemoryError:
-                        row = {"variant": variant, "batch": batch, "window": window, "chunk": chunk, "oom": True}
-                    torch.cuda.empty_cache()
-                    if batch in settings.batches:
-                        rows.append(row)
-                        if on_result:
-                            on_result(row)
-                    if not row.get("oom") and row["peak_memory_gib"] is not None:
-                        peaks[batch] = row["peak_memory_gib"]
-                if 1 in peaks and 2 in peaks:
-                    per_stream = peaks[2] - peaks[1]
-                    fixed = peaks[1] - per_stream
-                    streams[f"{variant}/w{window}/c{chunk}"] = {
-                        "per_stream_gib": per_stream,
-                        "fixed_gib": fixed,
-                        "max_streams": int((settings.budget_gib - fixed) // per_stream) if per_stream > 0 else None,
-                    }
-        if settings.long_seconds > 0:
-            frames = latent_frames_for(settings.long_seconds)
-            sampler = SamplerSettings(chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed)
-            long[variant] = {**_measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
-        long.setdefault("weights_gib", {})[variant] = weights_gib
-        del model
-        torch.cuda.empty_cache()
+    with progress_bar() as progress:
+        task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
+
+        def measure(*args: Any) -> dict[str, Any]:
+            row = _measure(*args)
+            progress.advance(task)
+            return row
+
+        for variant in settings.variants:
+            model = random_model(configs[variant], dev, dtype, settings.seed)
+            if settings.compile:
+                model.compile_blocks()
+            weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
+            for window in settings.windows:
+                for chunk in settings.chunks:
+                    sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
+                    frames = window + chunk * settings.timed_chunks
+                    if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
+                        measure(model, 1, window + chunk, latent_size, sampler)
+                    peaks = {}
+                    for batch in sorted(set(settings.batches) | {1, 2}):
+                        try:
+                            row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
+                        except torch.OutOfMemoryError:
+                            row = {"variant": variant, "batch": batch, "window": window, "chunk": chunk, "oom": True}
+                        torch.cuda.empty_cache()
+                        if batch in settings.batches:
+                            rows.append(row)
+                            if on_result:
+                                on_result(row)
+                        if not row.get("oom") and row["peak_memory_gib"] is not None:
+                            peaks[batch] = row["peak_memory_gib"]
+                    if 1 in peaks and 2 in peaks:
+                        per_stream = peaks[2] - peaks[1]
+                        fixed = peaks[1] - per_stream
+                        streams[f"{variant}/w{window}/c{chunk}"] = {
+                            "per_stream_gib": per_stream,
+                            "fixed_gib": fixed,
+                            "max_streams": int((settings.budget_gib - fixed) // per_stream) if per_stream > 0 else None,
+                        }
+            if settings.long_seconds > 0:
+                frames = latent_frames_for(settings.long_seconds)
+                sampler = SamplerSettings.for_model(
+                    dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
+                )
+                long[variant] = {**measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
+            long.setdefault("weights_gib", {})[variant] = weights_gib
+            del model
+            torch.cuda.empty_cache()
 
     report: dict[str, Any] = {
         "schema": "mlaconvert.bench/1",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +27,10 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
+STEPS_HELP = "Denoising steps per chunk, evenly spaced from 1000 before the shift (4: 1000,750,500,250; default: the model's own)."
+TIMESTEPS_HELP = "The denoising timesteps themselves, before the shift: a descending comma list in (0, 1000], e.g. 1000,500 (instead of --steps)."
+SHIFT_HELP = "Flow-matching timestep shift (default: the model's own)."
+DEVICE_HELP = "cuda or cpu (default: cuda when available, else the CPU; a full-size model needs --device cpu to run there)."
 SOURCE_HELP = "Hub repo id (org/name, org/name@revision, org/name/path/to/file.pt), a local folder, a checkpoint file, or builtin:tiny-wan."
 
 
@@ -72,29 +79,29 @@ def sample(
     height: int = typer.Option(480, "--height", help="Video height in pixels (multiple of 16)."),
     width: int = typer.Option(832, "--width", help="Video width in pixels (multiple of 16)."),
     batch: int = typer.Option(1, "--batch", help="Streams at once with --random-text."),
-    chunk: int = typer.Option(3, "--chunk", help="Latent frames per autoregressive chunk."),
-    window: int = typer.Option(21, "--window", help="Attention span in latent frames, the current chunk included."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per autoregressive chunk (default: the model's own)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Attention span in latent frames, the current chunk included (default: the model's own)."),
     sink: int = typer.Option(0, "--sink", help="First latent frames kept in the cache forever."),
-    steps: str = typer.Option("1000,750,500,250", "--steps", help="Denoising timesteps before the shift."),
-    shift: float = typer.Option(5.0, "--shift", help="Flow-matching timestep shift."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
     positions: str = typer.Option("auto", "--positions", help="RoPE positions: absolute, reindex (inside the window) or auto."),
     seed: int = typer.Option(0, "--seed", help="Seed for all noise."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda (default) or cpu for tiny models."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
     """Stream a video chunk by chunk with the model's KV cache (dense or latent); latents always, mp4 with --vae."""
-    from mlaconvert.sampling import SamplerSettings
+    from mlaconvert.sampling import parse_timesteps
     from mlaconvert.sampling import sample as run_sample
 
-    try:
-        step_list = tuple(float(x) for x in steps.split(","))
-    except ValueError:
-        raise MlaconvertError(f"--steps must be comma-separated numbers (got '{steps}')") from None
-    settings = SamplerSettings(chunk=chunk, window=window, sink=sink, steps=step_list, shift=shift, positions=positions, seed=seed)
+    sampler = dict(
+        steps=steps, timesteps=parse_timesteps(timesteps) if timesteps else None, shift=shift, chunk=chunk, window=window,
+        sink=sink, positions=positions, seed=seed,
+    )
     report = run_sample(
         model, output, frames=frames, seconds=seconds, height=height, width=width, prompts=prompt,
         prompt_embeds=prompt_embeds, random_text=random_text, text_encoder=text_encoder, vae=vae, batch=batch,
-        settings=settings, device=device, force=force,
+        sampler=sampler, device=device, force=force,
     )
     peak = report["peak_memory_bytes"]
     out.print(
@@ -109,24 +116,25 @@ def sample(
 def bench(
     preset_name: str = typer.Option("wan2.1-1.3b", "--preset", help="Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny."),
     output: Path = typer.Option(Path("docs/benchmarks"), "-o", "--output", help="Folder for bench-<device>.json and .png."),
-    height: int = typer.Option(480, "--height"),
-    width: int = typer.Option(832, "--width"),
+    height: int = typer.Option(480, "--height", help="Video height in pixels."),
+    width: int = typer.Option(832, "--width", help="Video width in pixels."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     window: list[int] = typer.Option([21], "--window", help="Window sizes (repeat the option for a grid)."),
     chunk: list[int] = typer.Option([3], "--chunk", help="Chunk sizes (repeatable)."),
     batch: list[int] = typer.Option([1], "--batch", help="Batch sizes (repeatable)."),
-    dc: int = typer.Option(192, "--dc"),
-    rope_dim: int = typer.Option(32, "--rope-dim"),
+    dc: int = typer.Option(192, "--dc", help="Latent width of the MLA variant (values per token and layer, besides the rope key)."),
+    rope_dim: int = typer.Option(32, "--rope-dim", help="Width of the MLA variant's shared 3D-RoPE key."),
     timed_chunks: int = typer.Option(4, "--timed-chunks", help="Chunks timed after the window is full."),
     long_seconds: float = typer.Option(60.0, "--long-seconds", help="Length of the peak-memory rollout (0 skips it)."),
     budget: float = typer.Option(80.0, "--budget-gib", help="Memory budget for the concurrent-streams estimate."),
-    device: str = typer.Option("cuda", "--device", help="cuda; cpu only with --preset tiny."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the blocks of both variants."),
 ) -> None:
     """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget."""
     from mlaconvert.bench import BenchSettings, print_bench, run_bench, write_bench
 
     settings = BenchSettings(
-        preset=preset_name, height=height, width=width, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
+        preset=preset_name, height=height, width=width, steps=steps, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
         dc=dc, rope_dim=rope_dim, timed_chunks=timed_chunks, long_seconds=long_seconds, budget_gib=budget,
         compile=compile_blocks,
     )
@@ -140,7 +148,7 @@ def bench(
 def convert(
     source: Optional[str] = typer.Argument(None, help=SOURCE_HELP + " Optional with --recipe."),
     output: Path = typer.Option(..., "-o", "--output", help="Export folder (model.safetensors, config.json, rank report, README)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): source and [convert] settings."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): source and \\[convert] settings."),
     dc: Optional[str] = typer.Option(None, "--dc", help="Latent width (default 192): an integer, 'auto' (per layer from --energy), a comma list, or a .json/.toml list."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="Width of the shared decoupled 3D-RoPE key (default 32)."),
     init: Optional[str] = typer.Option(None, "--init", help="svd (weights, default), asvd (activation-aware, calibrated) or random."),
@@ -148,7 +156,7 @@ def convert(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for calibration inputs and random init (default 0)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Energy that defines effective ranks, and dc for --dc auto (default 0.99)."),
     measure: Optional[bool] = typer.Option(None, "--measure/--no-measure", help="Calibration pass measuring K/V/attention error (default on)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     config: Optional[str] = typer.Option(None, "--config", help="Preset name or config.json for checkpoints without one."),
     head_dim: int = typer.Option(128, "--head-dim", help="Head width assumed when a .pt checkpoint has no config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
@@ -162,14 +170,20 @@ def convert(
     source = source or plan.get("source")
     if not source:
         raise MlaconvertError("give a SOURCE, or a --recipe that names one")
-    overrides = dict(dc=parse_dc(dc) if dc else None, rope_dim=rope_dim, init=init, q_rank=q_rank, seed=seed, energy=energy, measure=measure)
+    overrides = dict(dc=parse_dc(dc) if dc is not None else None, rope_dim=rope_dim, init=init, q_rank=q_rank, seed=seed, energy=energy, measure=measure)
     section = dict(plan.get("convert", {}))
     if isinstance(section.get("dc"), str):
         section["dc"] = parse_dc(section["dc"])
     settings = merge(ConvertSettings, section, overrides, "convert")
-    _, report = convert_source(
-        source, output, settings, force=force, config=config or plan.get("config"), head_dim=head_dim, device=device
-    )
+    def left_behind() -> str:
+        again = _rerun("--force") if output.exists() else shlex.join(["mlaconvert", *sys.argv[1:]])
+        kept = f"'{output}' is as it was before" if output.exists() else f"nothing was written to '{output}'"
+        return f"convert stopped before it finished; {kept} (no partial export is left); to convert, run again: {again}"
+
+    with _on_interrupt(left_behind):
+        _, report = convert_source(
+            source, output, settings, force=force, config=config or plan.get("config"), head_dim=head_dim, device=device
+        )
     print_report(report, out)
     cache = report["cache"]
     out.print(
@@ -185,8 +199,8 @@ def finetune(
     model: str = typer.Argument(..., help="An MLA export (a folder written by `convert`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, checkpoint, loss plot, agreement, and the fine-tuned export."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): [finetune] settings."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 200)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): \\[finetune] settings."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default 200)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Clips per step over all processes (default 1)."),
     accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Micro-batches per step in each process (default 1)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of AdamW (default 1e-4)."),
@@ -195,9 +209,12 @@ def finetune(
     layer_loss_weight: Optional[float] = typer.Option(None, "--layer-loss-weight", help="Weight of per-layer self-attention-output matching (default 0)."),
     clips: Optional[int] = typer.Option(None, "--clips", help="Teacher-generated clips, 2 of them held out (default 16)."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames per generated clip (default 6)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Latent height of generated clips (pixels / 8; default 16)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Latent width of generated clips (pixels / 8; default 16)."),
-    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per chunk, as the sampler runs (default 3)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height of generated clips in pixels (default 128)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width of generated clips in pixels (default 128)."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per chunk, as the sampler runs (default: the model's own)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP + " For the teacher's clips and the agreement measure."),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 50)."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="Activation checkpointing (default on)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order, timesteps, noise and generated clips (default 0)."),
@@ -205,17 +222,19 @@ def finetune(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line, for generated clips (needs the umT5 encoder)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Diffusers-layout repo or folder with text_encoder/ and tokenizer/ for --prompts."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where generated clips are cached (default OUT/data)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
 ) -> None:
     """Brief data-free distillation of an MLA export from its dense teacher; writes the fine-tuned export."""
     from mlaconvert.finetune import FinetuneSettings, finetune as run_finetune
     from mlaconvert.recipes import load_recipe, merge
+    from mlaconvert.sampling import parse_timesteps
 
     plan = load_recipe(recipe) if recipe else {}
     overrides = dict(
-        steps=steps, batch=batch, accumulate=accumulate, lr=lr, warmup=warmup, train=train, layer_loss_weight=layer_loss_weight,
+        max_steps=max_steps, sampler_steps=steps, sampler_timesteps=parse_timesteps(timesteps) if timesteps else None, shift=shift,
+        batch=batch, accumulate=accumulate, lr=lr, warmup=warmup, train=train, layer_loss_weight=layer_loss_weight,
         clips=clips, frames=frames, height=height, width=width, chunk=chunk, checkpoint_every=checkpoint_every,
         gradient_checkpointing=checkpointing, seed=seed,
     )
@@ -225,10 +244,16 @@ def finetune(
         if not prompts.is_file():
             raise MlaconvertError(f"no such prompts file: '{prompts}'")
         prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-    result = run_finetune(
-        model, output, settings, teacher=teacher, data=data, prompts=prompt_list, encoder=encoder, cache_dir=cache_dir,
-        device=device, resume=resume, force=force,
-    )
+    def left_behind() -> str:
+        if (output / "checkpoint" / "state.pt").is_file():
+            return f"finetune stopped; '{output}' keeps its latest checkpoint, log and clips; continue with: {_rerun('--resume')}"
+        return f"finetune stopped before its first checkpoint ('{output}' keeps any generated clips); start again with: {_rerun('--force')}"
+
+    with _on_interrupt(left_behind):
+        result = run_finetune(
+            model, output, settings, teacher=teacher, data=data, prompts=prompt_list, encoder=encoder, cache_dir=cache_dir,
+            device=device, resume=resume, force=force,
+        )
     if result.report is None:  # another process of a torchrun job: rank 0 reports
         return
     info = result.report["finetune"]
@@ -241,34 +266,44 @@ def finetune(
     out.print(f"wrote {output}")
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
-    debug = bool(os.environ.get("MLACONVERT_DEBUG"))
+class Interrupted(Exception):
+    """Ctrl-C during a long job, with what it leaves behind and how to carry on (exit status 130)."""
+
+
+@contextlib.contextmanager
+def _on_interrupt(explain: Callable[[], str]) -> Iterator[None]:
+    # typer turns a KeyboardInterrupt into a bare exit status; catching it here keeps the job's context.
     try:
-        app(standalone_mode=False)
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(explain()) from None
+
+
+def _rerun(flag: str) -> str:
+    """This very command line with `flag` instead of --force/--resume: what to run to carry on."""
+    args = [a for a in sys.argv[1:] if a not in ("--force", "--resume")]
+    return shlex.join(["mlaconvert", *args, flag])
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 1, usage errors click's usage
+    message and status 2, Ctrl-C one line and status 130; anything else is a bug and shows its traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except Interrupted as e:
+        console.print(f"[bold red]interrupted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(130)
     except MlaconvertError as e:
-        if debug:
+        if os.environ.get("MLACONVERT_DEBUG"):
             raise
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("interrupted", highlight=False)
-        sys.exit(130)
-    except typer.Exit as e:
+    except typer.TyperException as e:  # click's usage errors, as typer (which bundles its own click) raises them
+        e.show()
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors and anything unforeseen still get one line
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        if debug:
-            raise
-        console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} (set MLACONVERT_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+    except typer.Abort:
+        console.print("aborted", highlight=False)
         sys.exit(1)
+    if code == 130:  # typer's answer to a Ctrl-C outside the long jobs
+        console.print("interrupted; nothing was written", highlight=False)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -322,16 +322,18 @@ def convert_source(
     device: str | None = None,
 ) -> tuple[Conversion, dict[str, Any]]:
     """Load SOURCE, convert it, and write the export folder `output` (atomically; refuses to overwrite without force)."""
+    from mlaconvert.devices import choose_device
     from mlaconvert.export import write_export
     from mlaconvert.hub import load_source
-    from mlaconvert.outputs import check_writable
+    from mlaconvert.outputs import check_writable, claim_output
     from mlaconvert.progress import progress_bar
 
     output = Path(output)
     check_writable(output, force)
     checkpoint = load_source(source, config=config, head_dim=head_dim)
     check_settings(settings, checkpoint.config)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    claim_output(output, force)  # from here until this process ends, a second convert into `output` refuses
+    dev = choose_device(device, sum(t.numel() for t in checkpoint.state_dict.values()))
     start = time.perf_counter()
     with progress_bar() as progress:
         tasks: dict[str, Any] = {}

@@ -51,11 +51,12 @@ from torch import nn
 
 from mlaconvert.agreement import teacher_agreement
 from mlaconvert.config import WanConfig
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.formats import Checkpoint
 from mlaconvert.model import WanModel, load_model
 from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_json
-from mlaconvert.sampling import SamplerSettings, rollout, warp_timesteps
+from mlaconvert.sampling import SamplerSettings, check_video_size, rollout, warp_timesteps
 
 TRAIN_MODES = ("mla", "attn", "all")
 # The tensors convert creates in every blocks.N.self_attn.; q, o and norm_q are the dense model's own.
@@ -71,7 +72,7 @@ RUN_ONLY_SETTINGS = ("checkpoint_every",)
 class FinetuneSettings:
     """The [finetune] table of a recipe; CLI options override it."""
 
-    steps: int = 200
+    max_steps: int = 200  # optimizer steps
     batch: int = 1  # clips per optimizer step, over all processes
     accumulate: int = 1  # micro-batches per step in each process (gradient accumulation)
     lr: float = 1e-4
@@ -80,7 +81,7 @@ class FinetuneSettings:
     grad_clip: float = 1.0
     train: str = "mla"  # mla: the new attention tensors; attn: all self-attention; all: everything
     layer_loss_weight: float = 0.0  # weight of the per-layer self-attention-output matching term
-    timesteps: str = "list"  # list: the sampler's warped steps; uniform: uniform between the list's ends
+    timestep_mode: str = "list"  # list: the sampler's warped timesteps; uniform: uniform between the list's ends
     gradient_checkpointing: bool = True
     checkpoint_every: int = 50
     seed: int = 0
@@ -88,21 +89,31 @@ class FinetuneSettings:
     clips: int = 16
     held_out: int = 2
     frames: int = 6  # latent frames per clip
-    height: int = 16  # latent rows (pixels / 8)
-    width: int = 16
+    height: int = 128  # pixels (the model's VAE stride makes them latent rows)
+    width: int = 128
     generate_batch: int = 4
-    # The sampler the student is trained for: its chunk, denoising list and shift.
-    chunk: int = 3
-    sampler_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
-    shift: float = 5.0
+    # The sampler the student is trained for (chunk, denoising list, shift); None = the model's own (config.json).
+    chunk: int | None = None
+    sampler_steps: int | None = None  # evenly spaced from 1000; or the list itself in sampler_timesteps
+    sampler_timesteps: tuple[float, ...] | None = None
+    shift: float | None = None
 
     def __post_init__(self) -> None:
-        self.sampler_steps = tuple(float(t) for t in self.sampler_steps)  # a recipe gives a list
+        if self.sampler_timesteps is not None:
+            self.sampler_timesteps = tuple(float(t) for t in self.sampler_timesteps)  # a recipe gives a list
+
+    def for_model(self, config: WanConfig) -> FinetuneSettings:
+        """These settings with the sampler made concrete from the model's own defaults (sampler() needs that)."""
+        own = SamplerSettings.for_model(
+            config, steps=self.sampler_steps, timesteps=self.sampler_timesteps, shift=self.shift, chunk=self.chunk
+        )
+        return dataclasses.replace(self, chunk=own.chunk, sampler_steps=None, sampler_timesteps=own.timesteps, shift=own.shift)
 
     def sampler(self, frames: int, seed: int) -> SamplerSettings:
         # The window spans the whole clip, so a rollout attends exactly as the teacher-forcing forward does.
+        assert self.chunk is not None and self.sampler_timesteps is not None and self.shift is not None, "call for_model first"
         return SamplerSettings(
-            chunk=self.chunk, window=max(frames, self.chunk), steps=self.sampler_steps, shift=self.shift, seed=seed
+            chunk=self.chunk, window=max(frames, self.chunk), timesteps=self.sampler_timesteps, shift=self.shift, seed=seed
         )
 
 
@@ -130,10 +141,10 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
     s = settings
     if s.train not in TRAIN_MODES:
         raise MlaconvertError(f"--train must be one of {', '.join(TRAIN_MODES)} (got '{s.train}')")
-    if s.timesteps not in TIMESTEP_MODES:
-        raise MlaconvertError(f"timesteps must be one of {', '.join(TIMESTEP_MODES)} (got '{s.timesteps}')")
-    positive = {"--steps": s.steps, "--batch": s.batch, "--accumulate": s.accumulate, "--checkpoint-every": s.checkpoint_every,
-                "--clips": s.clips, "--frames": s.frames, "--height": s.height, "--width": s.width, "--chunk": s.chunk,
+    if s.timestep_mode not in TIMESTEP_MODES:
+        raise MlaconvertError(f"timestep_mode must be one of {', '.join(TIMESTEP_MODES)} (got '{s.timestep_mode}')")
+    positive = {"--max-steps": s.max_steps, "--batch": s.batch, "--accumulate": s.accumulate, "--checkpoint-every": s.checkpoint_every,
+                "--clips": s.clips, "--frames": s.frames, "--height": s.height, "--width": s.width,
                 "generate_batch": s.generate_batch}
     for name, value in positive.items():
         if value < 1:
@@ -146,8 +157,6 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
         raise MlaconvertError(f"held_out ({s.held_out}) must be at least 1 and below --clips ({s.clips})")
     if s.lr <= 0 or s.grad_clip <= 0 or s.weight_decay < 0 or s.warmup < 0 or s.layer_loss_weight < 0:
         raise MlaconvertError("--lr and grad_clip must be positive; weight_decay, warmup and --layer-loss-weight non-negative")
-    if not s.sampler_steps or any(not 0 < t <= 1000 for t in s.sampler_steps) or s.shift <= 0:
-        raise MlaconvertError("sampler_steps must be timesteps in (0, 1000] and shift positive")
 
 
 def derived_seed(seed: int, purpose: str, index: int) -> int:
@@ -287,7 +296,7 @@ def generation_key(settings: FinetuneSettings, teacher_sha: str, prompts: list[s
     s = settings
     what = {
         "teacher": teacher_sha, "prompts": prompts, "clips": s.clips, "size": [s.frames, s.height, s.width],
-        "generate_batch": s.generate_batch, "seed": s.seed, "chunk": s.chunk, "steps": list(s.sampler_steps), "shift": s.shift,
+        "generate_batch": s.generate_batch, "seed": s.seed, "chunk": s.chunk, "steps": list(s.sampler_timesteps), "shift": s.shift,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -305,7 +314,8 @@ def generate_clips(
     for i, start in enumerate(range(0, text.shape[0], s.generate_batch)):
         sampler = s.sampler(s.frames, seed=derived_seed(s.seed, "generate", i))
         part = text[start : start + s.generate_batch]
-        out.append(rollout(teacher, part, frames=s.frames, latent_size=(s.height, s.width), settings=sampler).latents)
+        latent_size = check_video_size(s.height, s.width, teacher.config)
+        out.append(rollout(teacher, part, frames=s.frames, latent_size=latent_size, settings=sampler).latents)
         if on_batch is not None:
             on_batch(start + part.shape[0])
     return torch.cat(out)
@@ -381,9 +391,9 @@ def distill_loss(
 
 def chunk_timesteps(settings: FinetuneSettings, rows: int, frames: int, generator: torch.Generator) -> torch.Tensor:
     """(rows, frames) timesteps: one per chunk, from the warped list or uniformly between its ends."""
-    steps = torch.tensor(warp_timesteps(settings.sampler_steps, settings.shift))
+    steps = torch.tensor(warp_timesteps(settings.sampler_timesteps, settings.shift))
     chunks = math.ceil(frames / settings.chunk)
-    if settings.timesteps == "list":
+    if settings.timestep_mode == "list":
         t = steps[torch.randint(len(steps), (rows, chunks), generator=generator)]
     else:
         low, high = float(steps.min()), float(steps.max())
@@ -435,11 +445,10 @@ class Processes:
 def _processes(device: str | None) -> Processes:
     """One process, or one of WORLD_SIZE started by torchrun (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise MlaconvertError("--device cuda was asked for but no CUDA device is available")
+    chosen = choose_device(device)
+    cuda = chosen.type == "cuda"
     if world == 1:
-        return Processes(0, 1, torch.device(device or ("cuda" if cuda else "cpu")), False)
+        return Processes(0, 1, chosen, False)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -514,7 +523,7 @@ class Trainer:
         s = self.settings
         if step < s.warmup:
             return (step + 1) / s.warmup
-        progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+        progress = (step - s.warmup) / max(1, s.max_steps - s.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def _clip_indices(self, position: int, count: int) -> torch.Tensor:
@@ -615,6 +624,8 @@ def _prepare_output(output: Path, *, force: bool, resume: bool) -> None:
     if resume:
         _read_run(output)
         return
+    if not force and (output / CHECKPOINT_DIR / "state.pt").is_file():
+        raise MlaconvertError(f"'{output}' already holds a finetune run: pass --resume to continue it from its checkpoint, or --force to start over")
     check_writable(output, force)
     if output.exists():
         # Starting over: the earlier run's state goes; its cached clips stay (they are keyed by what made them).
@@ -808,6 +819,7 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
     procs.barrier()
     student_ckpt, teacher_ckpt = load_pair(model, teacher)
     config, dev = student_ckpt.config, procs.device
+    settings = settings.for_model(config)
     dtypes = {k: v.dtype for k, v in student_ckpt.state_dict.items()}
     # load_model keeps the given tensors on the CPU: train on copies (fp32 master weights).
     student = load_model(config, {k: v.to(torch.float32, copy=True) for k, v in student_ckpt.state_dict.items()}, device=dev)
@@ -842,9 +854,9 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
         rows = _trim_log(log_path, trainer.step_count) if procs.main else []
         procs.barrier()
 
-        task = progress.add_task("finetune", total=settings.steps, completed=trainer.step_count, info="")
+        task = progress.add_task("finetune", total=settings.max_steps, completed=trainer.step_count, info="")
         with open(log_path, "a") if procs.main else contextlib.nullcontext() as log:
-            while trainer.step_count < settings.steps:
+            while trainer.step_count < settings.max_steps:
                 if stop_after is not None and trainer.step_count >= stop_after:
                     return FinetuneResult(output, trainer.step_count, False, rows[-1]["loss"] if rows else None, log=rows)
                 row = trainer.step()
@@ -853,7 +865,7 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     progress.update(task, completed=row["step"], info=f"loss {row['loss']:.4g}  {row['tokens_per_s']:,.0f} tok/s")
-                if row["step"] % settings.checkpoint_every == 0 or row["step"] == settings.steps:
+                if row["step"] % settings.checkpoint_every == 0 or row["step"] == settings.max_steps:
                     if procs.main:
                         trainer.save(checkpoint_dir, fingerprint, before)
                         plot_loss(rows, output / LOSS_PLOT)

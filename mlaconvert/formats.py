@@ -26,8 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mlaconvert.config import PRESETS, WanConfig, preset
+from mlaconvert.config import PRESETS, SamplerDefaults, WanConfig, preset
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import check_types
 from mlaconvert.outputs import atomic_file, write_json
 
 FORMATS = ("wan", "diffusers", "training", "mlaconvert")
@@ -240,6 +241,9 @@ def config_from_dict(d: Mapping[str, Any], where: str = "config.json") -> WanCon
         raise MlaconvertError(f"'{where}' is not a Wan transformer config (no 'dim' or 'num_attention_heads' field)")
     if d.get("model_type", "t2v") != "t2v":
         raise MlaconvertError(f"'{where}' describes a Wan {d['model_type']} model; only text-to-video (t2v) is supported")
+    check_types(WanConfig, d, where)
+    if isinstance(d.get("sampler"), dict):
+        check_types(SamplerDefaults, d["sampler"], f"{where}: sampler")
     return WanConfig.from_dict(dict(d))
 
 

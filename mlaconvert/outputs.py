@@ -6,6 +6,7 @@ previous output (or nothing) behind, never a truncated one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -26,9 +27,52 @@ def _default_mode(directory: bool) -> int:
 
 
 def check_writable(path: Path, force: bool) -> None:
-    """Refuse an existing output unless the user said --force."""
+    """Refuse, before any work, an existing output without --force and an output that cannot be written."""
     if path.exists() and not force:
         raise MlaconvertError(f"output '{path}' already exists; pass --force to overwrite it")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MlaconvertError(f"cannot write '{path}': '{folder}' is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MlaconvertError(f"cannot write '{path}': no permission to write in '{folder}'")
+
+
+def claim_output(path: Path, force: bool) -> None:
+    """check_writable, then claim `path` for this process with a lock file beside it, so a second job writing
+    the same output refuses at once instead of racing this one. The claim ends when this process does; a
+    claim left by a process that died is taken over."""
+    check_writable(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner == os.getpid():
+                return
+            if owner is not None:
+                raise MlaconvertError(f"another mlaconvert (process {owner}) is writing '{path}'; wait for it or choose another output") from None
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lock.unlink, missing_ok=True)
+        return
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The live process holding `lock`, or None when it has exited."""
+    try:
+        pid = int(lock.read_text() or 0)
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError, FileNotFoundError):
+        return None
+    except PermissionError:  # alive, but another user's
+        pass
+    return pid
 
 
 @contextlib.contextmanager

@@ -12,34 +12,81 @@ Command-line options given explicitly override the recipe; the recipe overrides 
 
 from __future__ import annotations
 
+import importlib
 import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import check_types
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The keys a recipe may have at its top, and its sections with the settings dataclass each one fills (module,
+# class; imported when a recipe is checked). A new stage adds its line here.
+TOP_LEVEL = {"source": "the model to start from (any SOURCE form)", "config": "preset or config.json for a checkpoint without one"}
+SECTIONS = {
+    "convert": ("mlaconvert.convert", "ConvertSettings"),
+    "finetune": ("mlaconvert.finetune", "FinetuneSettings"),
+}
+# Keys of older recipes whose meaning moved: each gets a one-line error naming its replacement.
+RENAMED = {
+    "finetune": {
+        "steps": "max_steps (optimizer steps; the sampler's denoising steps are sampler_steps)",
+        "timesteps": "timestep_mode (list or uniform)",
+    },
+}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file; a bare name is looked up in the repository's recipes/ folder."""
+    """Read and check a recipe file; a bare name is looked up in the repository's recipes/ folder."""
     p = Path(path)
     if not p.exists() and p.parent == Path(".") and (RECIPES_DIR / f"{p.name}.toml").exists():
         p = RECIPES_DIR / f"{p.name}.toml"
     if not p.is_file():
         raise MlaconvertError(f"no such recipe: '{path}'")
     try:
-        return tomllib.loads(p.read_text())
+        recipe = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise MlaconvertError(f"recipe '{p}' is not valid TOML: {e}") from None
+    check_recipe(recipe, str(p))
+    return recipe
+
+
+def check_recipe(recipe: dict[str, Any], where: str) -> None:
+    """Unknown keys and sections, old key names and wrong types: one line each, naming the file and the key."""
+    for key, value in recipe.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise MlaconvertError(f"{where}: {key} must be a section, [{key}]")
+            check_section(settings_type(key), value, f"{where}: [{key}]", key)
+        elif isinstance(value, dict):
+            raise MlaconvertError(f"{where}: unknown section [{key}]; known: {', '.join(f'[{s}]' for s in SECTIONS)}")
+        elif key not in TOP_LEVEL:
+            raise MlaconvertError(f"{where}: unknown key '{key}'; known at the top: {', '.join(TOP_LEVEL)}")
+        elif not isinstance(value, str):
+            raise MlaconvertError(f"{where}: {key} = {value!r} should be a string ({TOP_LEVEL[key]})")
+
+
+def settings_type(section: str) -> type:
+    module, name = SECTIONS[section]
+    return getattr(importlib.import_module(module), name)
+
+
+def check_section(settings: type, section: dict[str, Any], where: str, name: str) -> None:
+    """The keys of one section: each a field of `settings`, under its current name, of the right type."""
+    for key in section:
+        if key in RENAMED.get(name, {}):
+            raise MlaconvertError(f"{where} {key} was replaced by {RENAMED[name][key]}")
+    known = {f.name for f in fields(settings)}
+    unknown = set(section) - known
+    if unknown:
+        raise MlaconvertError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    check_types(settings, section, where)
 
 
 def merge(settings_type: type, section: dict[str, Any], overrides: dict[str, Any], where: str) -> Any:
     """Build `settings_type` (a dataclass) from a recipe section, then explicit (non-None) overrides."""
-    known = {f.name for f in fields(settings_type)}
-    unknown = set(section) - known
-    if unknown:
-        raise MlaconvertError(f"unknown setting(s) {', '.join(sorted(unknown))} in [{where}]; known: {', '.join(sorted(known))}")
+    check_section(settings_type, section, f"[{where}]", where)
     values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
     return settings_type(**values)

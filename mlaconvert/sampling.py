@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mlaconvert.config import WanConfig
+from mlaconvert.devices import choose_device
 
 from mlaconvert.cache import cache_for
 from mlaconvert.errors import MlaconvertError
@@ -24,8 +27,22 @@ from mlaconvert.model import WanModel
 
 VIDEO_FPS = 16
 FRAMES_PER_LATENT = 4  # Wan's VAE: 4 video frames per latent frame (the first latent frame decodes to 1)
-VAE_STRIDE = 8
 ROPE_TABLE = 1024  # positions Wan was trained with; beyond it the cache re-indexes
+
+
+def denoising_timesteps(n: int) -> tuple[float, ...]:
+    """n evenly spaced denoising timesteps from 1000, before the shift: 4 -> (1000, 750, 500, 250)."""
+    if n < 1:
+        raise MlaconvertError(f"--steps must be at least 1 (got {n})")
+    return tuple(1000.0 * (n - i) / n for i in range(n))
+
+
+def parse_timesteps(text: str) -> tuple[float, ...]:
+    """A --timesteps value: a comma list such as '1000,750,500,250' (checked by SamplerSettings.check)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise MlaconvertError(f"--timesteps must be comma-separated numbers such as 1000,500 (got '{text}')") from None
 
 
 @dataclass
@@ -33,10 +50,53 @@ class SamplerSettings:
     chunk: int = 3
     window: int = 21  # attention span in latent frames, the current chunk included
     sink: int = 0
-    steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # denoising list before the shift
     shift: float = 5.0
     positions: str = "auto"  # absolute, reindex, or auto (absolute while the rollout fits Wan's RoPE table)
     seed: int = 0
+
+    @classmethod
+    def for_model(
+        cls,
+        config: WanConfig,
+        *,
+        steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        shift: float | None = None,
+        chunk: int | None = None,
+        window: int | None = None,
+        sink: int = 0,
+        positions: str = "auto",
+        seed: int = 0,
+    ) -> SamplerSettings:
+        """Concrete settings: every None is the model's own (config.sampler); a step count becomes an even list."""
+        if steps is not None and timesteps is not None:
+            raise MlaconvertError("--steps and --timesteps both set the denoising schedule: give one of them")
+        own = config.sampler
+        schedule = tuple(float(t) for t in timesteps) if timesteps is not None else denoising_timesteps(own.steps if steps is None else steps)
+        settings = cls(
+            chunk=own.chunk if chunk is None else chunk, window=own.window if window is None else window, sink=sink,
+            timesteps=schedule, shift=own.shift if shift is None else shift, positions=positions, seed=seed,
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """One line per bad value, before any model runs."""
+        if self.chunk < 1:
+            raise MlaconvertError(f"--chunk must be at least 1 (got {self.chunk})")
+        if self.window < self.chunk:
+            raise MlaconvertError(f"--window ({self.window}) must be at least --chunk ({self.chunk})")
+        if self.sink < 0 or self.sink + self.chunk > self.window:
+            raise MlaconvertError(f"--sink ({self.sink}) plus --chunk ({self.chunk}) must fit in --window ({self.window})")
+        if self.positions not in ("auto", "absolute", "reindex"):
+            raise MlaconvertError("--positions must be auto, absolute or reindex")
+        t = self.timesteps
+        if not t or any(not 0 < x <= 1000 for x in t) or any(a <= b for a, b in zip(t, t[1:])):
+            listed = ",".join(f"{x:g}" for x in t)
+            raise MlaconvertError(f"--timesteps must be descending values in (0, 1000], e.g. 1000,750,500,250 (got '{listed}')")
+        if self.shift <= 0:
+            raise MlaconvertError(f"--shift must be positive (got {self.shift:g})")
 
 
 @dataclass
@@ -48,7 +108,7 @@ class Rollout:
     peak_memory: int | None = None
 
 
-def warp_timesteps(steps: tuple[float, ...], shift: float) -> list[float]:
+def warp_timesteps(steps: Sequence[float], shift: float) -> list[float]:
     """σ' = shift σ / (1 + (shift - 1) σ) on σ = t / 1000: [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625]."""
     out = []
     for t in steps:
@@ -62,25 +122,18 @@ def latent_frames_for(seconds: float) -> int:
     return max(1, round(seconds * VIDEO_FPS / FRAMES_PER_LATENT))
 
 
-def check_video_size(height: int, width: int, patch: tuple[int, int, int]) -> tuple[int, int]:
-    """Pixel size -> latent size; both must divide by the VAE stride times the patch."""
-    unit = VAE_STRIDE * patch[1], VAE_STRIDE * patch[2]
+def check_video_size(height: int, width: int, config: WanConfig) -> tuple[int, int]:
+    """Pixel size -> latent size; both must divide by the model's VAE stride times its patch."""
+    unit = config.vae_stride[1] * config.patch_size[1], config.vae_stride[2] * config.patch_size[2]
     if height % unit[0] or width % unit[1] or height <= 0 or width <= 0:
-        raise MlaconvertError(f"--height/--width must be positive multiples of {unit[0]}/{unit[1]} (got {height}x{width})")
-    return height // VAE_STRIDE, width // VAE_STRIDE
+        raise MlaconvertError(f"--height/--width must be positive multiples of {unit[0]}/{unit[1]} pixels (got {height}x{width})")
+    return height // config.vae_stride[1], width // config.vae_stride[2]
 
 
 def check_settings(settings: SamplerSettings, frames: int) -> None:
-    if settings.chunk < 1 or frames < 1:
-        raise MlaconvertError("--chunk and the number of frames must be positive")
-    if settings.window < settings.chunk:
-        raise MlaconvertError(f"--window ({settings.window}) must be at least --chunk ({settings.chunk})")
-    if settings.sink < 0 or settings.sink + settings.chunk > settings.window:
-        raise MlaconvertError(f"--sink ({settings.sink}) plus --chunk ({settings.chunk}) must fit in --window ({settings.window})")
-    if settings.positions not in ("auto", "absolute", "reindex"):
-        raise MlaconvertError("--positions must be auto, absolute or reindex")
-    if not settings.steps or any(not 0 < t <= 1000 for t in settings.steps):
-        raise MlaconvertError("--steps must be timesteps in (0, 1000]")
+    if frames < 1:
+        raise MlaconvertError("the number of frames must be positive")
+    settings.check()
 
 
 @torch.no_grad()
@@ -123,7 +176,7 @@ def rollout(
     gen = torch.Generator().manual_seed(settings.seed)
     if noise is None:
         noise = torch.randn(batch, cfg.in_dim, frames, h, w, generator=gen)
-    sigmas = [t / 1000.0 for t in warp_timesteps(settings.steps, settings.shift)]
+    sigmas = [t / 1000.0 for t in warp_timesteps(settings.timesteps, settings.shift)]
     text = text.to(device, dtype)
     out = torch.empty(batch, cfg.out_dim, given + frames, h, w)
     result = Rollout(latents=out, cache_bytes=cache.nbytes, values_per_token=cache.values_per_token)
@@ -171,20 +224,6 @@ def _check_prefix(prefix: torch.Tensor | None, batch: int, channels: int, latent
     return prefix.shape[2]
 
 
-def resolve_device(device: str | None, config_params: int) -> torch.device:
-    """cuda by default; a full-size model needs it, a tiny one may run on the CPU."""
-    if device is None:
-        device = "cuda"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        if config_params > 100_000_000:
-            raise MlaconvertError("no CUDA device found: sampling a full-size model needs a GPU")
-        raise MlaconvertError("no CUDA device found: pass --device cpu (fine for tiny models like builtin:tiny-wan)")
-    if dev.type == "cpu" and config_params > 100_000_000:
-        raise MlaconvertError(f"a {config_params / 1e9:.1f}B-parameter model on the CPU would take hours per chunk: use --device cuda")
-    return dev
-
-
 def sample(
     model_spec: str,
     out_dir: str | Path,
@@ -199,11 +238,15 @@ def sample(
     text_encoder: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     vae: str | None = None,
     batch: int = 1,
-    settings: SamplerSettings = SamplerSettings(),
+    sampler: dict[str, Any] | None = None,
     device: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Roll out a dense or MLA model and write OUT/latents.safetensors, OUT/run.json and, with a VAE, OUT/video.mp4."""
+    """Roll out a dense or MLA model and write OUT/latents.safetensors, OUT/run.json and, with a VAE, OUT/video.mp4.
+
+    sampler: keyword arguments of `SamplerSettings.for_model` (steps, timesteps, shift, chunk, window, sink,
+    positions, seed); what they leave out is the model's own.
+    """
     from safetensors.torch import save_file
 
     from mlaconvert.hub import load_source
@@ -212,14 +255,19 @@ def sample(
 
     out_dir = Path(out_dir)
     check_writable(out_dir, force)
+    if frames is not None and seconds is not None:
+        raise MlaconvertError("--frames and --seconds both set the length: give one of them")
+    if seconds is not None and seconds <= 0:
+        raise MlaconvertError(f"--seconds must be positive (got {seconds:g})")
     if frames is None:
         frames = latent_frames_for(seconds if seconds is not None else 5.0)
     checkpoint = load_source(model_spec)
     cfg = checkpoint.config
-    latent_size = check_video_size(height, width, cfg.patch_size)
+    latent_size = check_video_size(height, width, cfg)
+    settings = SamplerSettings.for_model(cfg, **(sampler or {}))
     check_settings(settings, frames)
     params = sum(t.numel() for t in checkpoint.state_dict.values())
-    dev = resolve_device(device, params)
+    dev = choose_device(device, params)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     text, prompt_list = _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, batch, settings.seed, dev)
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
@@ -277,7 +325,7 @@ def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frame
         "latent_frames": frames,
         "video_seconds": frames * FRAMES_PER_LATENT / VIDEO_FPS,
         "size": list(size),
-        "settings": {**settings.__dict__, "steps": list(settings.steps), "warped_steps": warp_timesteps(settings.steps, settings.shift)},
+        "settings": {**settings.__dict__, "timesteps": list(settings.timesteps), "warped_timesteps": warp_timesteps(settings.timesteps, settings.shift)},
         "fps_latent_only": video_frames / rollout_seconds,
         "fps_end_to_end": video_frames / total,
         "chunk_seconds": result.chunk_seconds,

@@ -11,7 +11,8 @@ from mlaconvert.builtin import TINY_WAN
 from mlaconvert.errors import MlaconvertError
 
 
-def test_bench_runs_both_variants_through_the_same_sampler(tmp_path):
+def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("mlaconvert.progress.PLAIN_EVERY_S", 0.0)  # piped (pytest captures): a line per rollout
     settings = BenchSettings(preset="tiny", height=64, width=48, windows=(6,), chunks=(2,), batches=(1,), dc=32,
                              rope_dim=16, timed_chunks=1, long_seconds=2)
     report = run_bench(settings, device="cpu")
@@ -19,6 +20,7 @@ def test_bench_runs_both_variants_through_the_same_sampler(tmp_path):
     assert rows["dense"]["cached_values_per_token"] == 2 * TINY_WAN.dim and rows["mla"]["cached_values_per_token"] == 48
     assert report["ratios"]["w6/c2/b1"]["cache"] == pytest.approx(48 / 384)
     assert set(report["long_rollout"]) >= {"dense", "mla"}
+    assert "bench 6/6" in capsys.readouterr().err  # 2 variants x (batches 1, 2 + the long rollout)
     json_path, png_path = write_bench(report, tmp_path)
     assert json.loads(json_path.read_text())["schema"] == "mlaconvert.bench/1"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -31,5 +33,7 @@ def test_mla_variant_uses_wans_leading_pairs_per_axis():
 
 def test_bench_without_cuda_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(MlaconvertError, match="needs a CUDA device"):
+    with pytest.raises(MlaconvertError, match="no CUDA device found; pass --device cpu"):
         run_bench(BenchSettings(), device="cuda")
+    with pytest.raises(MlaconvertError, match=r"\d\.\dB-parameter model on the CPU would take hours; pass --device cpu"):
+        run_bench(BenchSettings())  # the default device policy never lands a full-size model on the CPU

@@ -21,3 +21,98 @@ def test_version(cli):
 def test_errors_with_brackets_are_printed_verbatim(cli, tmp_path):
     r = cli("analyze", "no[/such]/path[x]", "-o", str(tmp_path / "o"))
     assert r.returncode == 1 and "no[/such]/path[x]" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "builtin:tiny-wan", "--frames", "abc"], "Invalid value for '--frames'"),
+        (["convert", "builtin:tiny-wan"], "Missing option '-o'"),
+        (["sample", "builtin:tiny-wan", "--frame", "3"], "No such option: --frame"),
+    ],
+)
+def test_usage_errors_name_the_option_and_show_the_usage(cli, args, message):
+    r = cli(*args)
+    assert r.returncode == 2 and message in r.stderr and "Usage:" in r.stderr and "Traceback" not in r.stderr
+    if "--frame" in args:
+        assert "--frames" in r.stderr.split("No such option")[1]  # the suggestion
+
+
+def test_a_bug_shows_its_traceback(cli, monkeypatch):
+    monkeypatch.setattr("mlaconvert.rank.analyze_source", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli("analyze", "builtin:tiny-wan")
+
+
+def test_an_interrupted_convert_exits_130_and_says_how_to_redo_it(cli, tmp_path, monkeypatch):
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlaconvert.convert.convert_model", interrupt)
+    out = tmp_path / "mla"
+    r = cli("convert", "builtin:tiny-wan", "--dc", "32", "-o", str(out))
+    assert r.returncode == 130 and len(r.stderr.strip().splitlines()) == 1
+    assert "convert stopped" in r.stderr and "nothing was written" in r.stderr and not out.exists()
+    out.mkdir()
+    r = cli("convert", "builtin:tiny-wan", "--dc", "32", "-o", str(out), "--force")
+    assert r.returncode == 130 and "as it was before" in r.stderr and r.stderr.strip().endswith("--force")
+
+
+def test_an_interrupted_finetune_exits_130_and_says_resume(cli, tmp_path, monkeypatch):
+    from mlaconvert.finetune import Trainer
+
+    r = cli("convert", "builtin:tiny-wan", "--dc", "32", "--no-measure", "-o", str(tmp_path / "mla"))
+    assert r.returncode == 0, r.stderr
+    step = Trainer.step
+
+    def step_then_interrupt(self):
+        if self.step_count == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", step_then_interrupt)
+    out = tmp_path / "ft"
+    r = cli("finetune", str(tmp_path / "mla"), "-o", str(out), "--max-steps", "4", "--checkpoint-every", "2", "--clips", "3",
+            "--frames", "3", "--height", "32", "--width", "32", "--device", "cpu")
+    assert r.returncode == 130 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "latest checkpoint" in r.stderr and r.stderr.strip().endswith("--resume")
+    monkeypatch.setattr(Trainer, "step", step)
+    resumed = r.stderr.split("continue with: ")[1].split()
+    r = cli("finetune", str(tmp_path / "mla"), "-o", str(out), "--device", "cpu")
+    assert r.returncode == 1 and "pass --resume to continue it" in r.stderr
+    r = cli(*resumed[1:])
+    assert r.returncode == 0, r.stderr
+
+
+def test_an_empty_dc_is_refused_not_taken_as_the_default(cli, tmp_path):
+    r = cli("convert", "builtin:tiny-wan", "--dc", "", "-o", str(tmp_path / "o"))
+    assert r.returncode == 1 and "--dc must be an integer" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_outputs_are_checked_and_claimed_before_the_work(cli, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "file").write_text("x")
+    r = cli("convert", "builtin:tiny-wan", "-o", str(tmp_path / "file" / "out"))
+    assert r.returncode == 1 and f"'{tmp_path / 'file'}' is a file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    # A second convert into the same folder while the first runs (a live process holds the claim) refuses at once.
+    out = tmp_path / "mla"
+    (tmp_path / ".mla.lock").write_text(str(os.getppid()))
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out))
+    assert r.returncode == 1 and f"process {os.getppid()}) is writing '{out}'" in r.stderr
+    (tmp_path / ".mla.lock").write_text("999999999")  # a claim whose process died is taken over
+
+    monkeypatch.setattr("os.access", lambda *_a: False)  # a read-only folder (root ignores chmod)
+    r = cli("convert", "builtin:tiny-wan", "-o", str(out))
+    assert r.returncode == 1 and f"no permission to write in '{tmp_path}'" in r.stderr
+    monkeypatch.undo()
+    r = cli("convert", "builtin:tiny-wan", "--dc", "32", "--no-measure", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+
+
+def test_help_keeps_the_section_names_and_gives_bench_units(cli):
+    r = cli("convert", "--help")
+    assert "[convert]" in r.stdout
+    r = cli("bench", "--help")
+    assert "pixels" in r.stdout and "Latent width" in r.stdout

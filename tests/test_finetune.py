@@ -35,7 +35,7 @@ from mlaconvert.formats import save_native
 from mlaconvert.hub import load_source
 from mlaconvert.model import load_model
 
-SMALL = FinetuneSettings(steps=6, batch=2, lr=1e-3, warmup=2, clips=6, held_out=2, frames=6, height=8, width=8,
+SMALL = FinetuneSettings(max_steps=6, batch=2, lr=1e-3, warmup=2, clips=6, held_out=2, frames=6, height=64, width=64,
                          checkpoint_every=2)
 
 
@@ -56,7 +56,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, steps=30, warmup=3, checkpoint_every=10)
+    settings = dataclasses.replace(SMALL, max_steps=30, warmup=3, checkpoint_every=10)
     result = run(work, "long", settings)
     out = work / "long"
 
@@ -98,7 +98,7 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
     assert not stopped.exported and not (work / "killed" / "model.safetensors").exists()
     with pytest.raises(MlaconvertError, match="another run.*lr"):
         run(work, "killed", dataclasses.replace(settings, lr=2e-3), resume=True)
-    with pytest.raises(MlaconvertError, match="already exists"):
+    with pytest.raises(MlaconvertError, match="already holds a finetune run: pass --resume"):
         run(work, "killed", settings)
     resumed = run(work, "killed", settings, resume=True)
 
@@ -119,7 +119,7 @@ def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) 
         param.requires_grad_(name in trained)
     g = torch.Generator().manual_seed(0)
     clean, noise = torch.randn(2, 4, 6, 8, 8, generator=g), torch.randn(2, 4, 6, 8, 8, generator=g)
-    text, t = torch.randn(2, 32, 64, generator=g), chunk_timesteps(SMALL, 2, 6, g)
+    text, t = torch.randn(2, 32, 64, generator=g), chunk_timesteps(SMALL.for_model(TINY_WAN), 2, 6, g)
     grads = []
     for checkpointing in (False, True):
         student.gradient_checkpointing = checkpointing
@@ -135,13 +135,13 @@ def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) 
 
 
 def test_two_processes_make_the_update_of_one(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, steps=2)
+    settings = dataclasses.replace(SMALL, max_steps=2)
     run(work, "single", settings)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mlaconvert", "finetune",
         str(work / "mla"), "-o", str(work / "ddp"), "--cache-dir", str(work / "clips"), "--device", "cpu",
-        "--steps", "2", "--batch", "2", "--lr", "1e-3", "--warmup", "2", "--clips", "6", "--frames", "6", "--height", "8",
-        "--width", "8", "--checkpoint-every", "2",
+        "--max-steps", "2", "--batch", "2", "--lr", "1e-3", "--warmup", "2", "--clips", "6", "--frames", "6", "--height", "64",
+        "--width", "64", "--checkpoint-every", "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -156,7 +156,7 @@ def test_two_processes_make_the_update_of_one(work: Path) -> None:
 def test_cli_finetunes_the_builtin_and_refuses_to_overwrite(work: Path) -> None:
     command = [
         sys.executable, "-m", "mlaconvert", "finetune", str(work / "mla"), "-o", str(work / "cli"), "--recipe", "recipes/tiny-wan.toml",
-        "--steps", "2", "--clips", "6", "--frames", "6", "--height", "8", "--width", "8", "--cache-dir", str(work / "clips"),
+        "--max-steps", "2", "--clips", "6", "--frames", "6", "--height", "64", "--width", "64", "--cache-dir", str(work / "clips"),
     ]
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=300)
@@ -165,7 +165,7 @@ def test_cli_finetunes_the_builtin_and_refuses_to_overwrite(work: Path) -> None:
     assert json.loads((work / "cli" / "rank_report.json").read_text())["finetune"]["settings"]["lr"] == 1e-3  # from the recipe
     again = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=300)
     assert again.returncode == 1
-    assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+    assert again.stderr.strip().count("\n") == 0 and "already holds a finetune run" in again.stderr
 
 
 def test_bad_inputs_are_one_line_errors(work: Path, tmp_path: Path) -> None:
@@ -192,9 +192,19 @@ def test_bad_inputs_are_one_line_errors(work: Path, tmp_path: Path) -> None:
 def test_each_chunk_gets_one_timestep_from_the_sampler() -> None:
     warped = [1000.0, 937.5, 833.3333333333334, 625.0]  # [1000, 750, 500, 250] through shift 5
     g = torch.Generator().manual_seed(0)
-    listed = chunk_timesteps(SMALL, 64, 7, g)  # 7 frames: chunks of 3, 3 and 1
+    resolved = SMALL.for_model(TINY_WAN)  # the tiny model's own sampler: 4 steps, shift 5, chunks of 3
+    listed = chunk_timesteps(resolved, 64, 7, g)  # 7 frames: chunks of 3, 3 and 1
     assert listed.shape == (64, 7)
     assert torch.equal(listed[:, 0:3], listed[:, :1].expand(64, 3)) and torch.equal(listed[:, 3:6], listed[:, 3:4].expand(64, 3))
     assert set(listed.flatten().tolist()) == set(torch.tensor(warped).tolist())
-    uniform = chunk_timesteps(dataclasses.replace(SMALL, timesteps="uniform"), 64, 6, g)
+    uniform = chunk_timesteps(dataclasses.replace(resolved, timestep_mode="uniform"), 64, 6, g)
     assert uniform.min() >= 625.0 and uniform.max() <= 1000.0 and len(set(uniform[:, 0].tolist())) == 64
+
+
+def test_the_sampler_defaults_to_the_models_own_and_options_override_it() -> None:
+    own = SMALL.for_model(TINY_WAN)
+    assert (own.chunk, own.sampler_timesteps, own.shift) == (3, (1000.0, 750.0, 500.0, 250.0), 5.0)
+    two = dataclasses.replace(SMALL, sampler_steps=2, shift=1.0).for_model(TINY_WAN)
+    assert two.sampler_timesteps == (1000.0, 500.0) and two.shift == 1.0
+    with pytest.raises(MlaconvertError, match="--steps and --timesteps"):
+        dataclasses.replace(SMALL, sampler_steps=2, sampler_timesteps=(1000, 500)).for_model(TINY_WAN)

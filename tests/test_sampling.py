@@ -12,7 +12,16 @@ from mlaconvert.convert import ConvertSettings, convert_source
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.hub import load_source
 from mlaconvert.model import load_model
-from mlaconvert.sampling import SamplerSettings, check_video_size, latent_frames_for, rollout, warp_timesteps
+from mlaconvert.builtin import TINY_WAN
+from mlaconvert.config import SamplerDefaults
+from mlaconvert.sampling import (
+    SamplerSettings,
+    check_video_size,
+    denoising_timesteps,
+    latent_frames_for,
+    rollout,
+    warp_timesteps,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +39,56 @@ def tiny_model(spec: str):
 def test_schedule_and_durations():
     assert warp_timesteps((1000, 750, 500, 250), 5.0) == pytest.approx([1000.0, 937.5, 833.3333333, 625.0])
     assert latent_frames_for(60) == 240 and latent_frames_for(5) == 20
-    assert check_video_size(480, 832, (1, 2, 2)) == (60, 104)
+    assert check_video_size(480, 832, TINY_WAN) == (60, 104)
     with pytest.raises(MlaconvertError, match="multiples of 16"):
-        check_video_size(480, 830, (1, 2, 2))
+        check_video_size(480, 830, TINY_WAN)
+    # A model on pixels (stride 1) needs only the patch to divide the size.
+    assert check_video_size(64, 48, TINY_WAN.replace(vae_stride=(1, 1, 1))) == (64, 48)
+
+
+def test_steps_count_denoising_steps_and_default_to_the_models_own():
+    assert denoising_timesteps(4) == (1000.0, 750.0, 500.0, 250.0) and denoising_timesteps(1) == (1000.0,)
+    assert SamplerSettings.for_model(TINY_WAN).timesteps == (1000.0, 750.0, 500.0, 250.0)
+    own = TINY_WAN.replace(sampler=SamplerDefaults(steps=2, shift=1.0, chunk=2, window=6))
+    s = SamplerSettings.for_model(own)
+    assert (s.timesteps, s.shift, s.chunk, s.window) == ((1000.0, 500.0), 1.0, 2, 6)
+    assert SamplerSettings.for_model(own, steps=5, chunk=3).timesteps == (1000.0, 800.0, 600.0, 400.0, 200.0)
+    assert SamplerSettings.for_model(own, timesteps=[500]).timesteps == (500.0,)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(steps=2, timesteps=[1000, 500]), "--steps and --timesteps"),
+        (dict(steps=0), "--steps must be at least 1"),
+        (dict(timesteps=[500, 1000]), "descending"),
+        (dict(timesteps=[1000, 0]), "descending values in"),
+        (dict(shift=0.0), "--shift must be positive"),
+    ],
+)
+def test_bad_sampler_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(MlaconvertError, match=message):
+        SamplerSettings.for_model(TINY_WAN, **kwargs)
+
+
+def test_sample_cli_steps_is_the_number_of_denoising_steps(cli, tmp_path):
+    base = ["sample", "builtin:tiny-wan", "--random-text", "--frames", "3", "--height", "32", "--width", "32", "--window", "3",
+            "--device", "cpu"]
+    r = cli(*base, "--steps", "2", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((tmp_path / "a" / "run.json").read_text())["settings"]
+    assert settings["timesteps"] == [1000.0, 500.0] and settings["shift"] == 5.0
+    r = cli(*base, "--timesteps", "900", "--shift", "1", "-o", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((tmp_path / "b" / "run.json").read_text())["settings"]
+    assert settings["timesteps"] == [900.0] and settings["warped_timesteps"] == [900.0]
+    r = cli(*base, "--steps", "2", "--timesteps", "1000,500", "-o", str(tmp_path / "c"))
+    assert r.returncode == 1 and "--steps and --timesteps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def reference_rollout(model, text, noise, settings: SamplerSettings):
     """Self-Forcing's loop without any cache: every step reruns the clean past at t = 0 block-causally."""
-    sigmas = [t / 1000 for t in warp_timesteps(settings.steps, settings.shift)]
+    sigmas = [t / 1000 for t in warp_timesteps(settings.timesteps, settings.shift)]
     gen = torch.Generator().manual_seed(settings.seed)  # the re-noising draws, in the sampler's order
     b, frames = noise.shape[0], noise.shape[2]
     done = []
@@ -104,6 +155,7 @@ def test_sample_cli_writes_latents_and_report(cli, tmp_path, kind, mla_export):
         (["--sink", "20"], "must fit in --window"),
         (["--device", "cuda"], "no CUDA device"),
         ([], "exactly one of --prompt"),
+        (["--seconds", "0"], "--frames and --seconds both"),
     ],
 )
 def test_sample_bad_input_gives_one_line(cli, tmp_path, args, message):
@@ -136,3 +188,8 @@ def test_sample_streams_through_a_vae_into_an_mp4(cli, tmp_path):
     meta = next(reader)
     assert tuple(meta["size"]) == (48, 64)
     assert sum(1 for _ in reader) == 1 + 4 * 5  # the first latent frame decodes to one video frame, the rest to four
+
+
+def test_seconds_must_be_positive(cli, tmp_path):
+    r = cli("sample", "builtin:tiny-wan", "--random-text", "--seconds", "0", "--device", "cpu", "-o", str(tmp_path / "s"))
+    assert r.returncode == 1 and "--seconds must be positive" in r.stderr and not (tmp_path / "s").exists()

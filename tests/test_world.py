@@ -82,7 +82,7 @@ def tiny_mla(tmp_path_factory):
 
 def forced_reference(model, text, prefix, noise, settings: SamplerSettings) -> torch.Tensor:
     """No cache: the prefix chunks are fixed, every later chunk reruns the whole past at t = 0 block-causally."""
-    sigmas = [t / 1000 for t in warp_timesteps(settings.steps, settings.shift)]
+    sigmas = [t / 1000 for t in warp_timesteps(settings.timesteps, settings.shift)]
     gen = torch.Generator().manual_seed(settings.seed)
     torch.randn(noise.shape, generator=gen)  # the rollout draws its initial noise from the same generator first
     b, c = prefix.shape[:2]

@@ -1,0 +1,27 @@
+"""The one device policy of every command: CUDA when available, else the CPU — but never a full-size model on
+the CPU unless the user asked for it with --device cpu."""
+
+from __future__ import annotations
+
+import torch
+
+from mlaconvert.errors import MlaconvertError
+
+FULL_SIZE_PARAMS = 100_000_000  # above this, a CPU run takes hours where a GPU takes seconds
+
+
+def choose_device(requested: str | None, params: int | None = None) -> torch.device:
+    """`requested` (--device) if usable; None picks CUDA when available, else the CPU for models up to
+    FULL_SIZE_PARAMS parameters (params None: size not known yet, no size check)."""
+    if requested is not None:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise MlaconvertError(f"--device {requested}: no CUDA device found; pass --device cpu (fine for tiny models like builtin:tiny-wan)")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if params is not None and params > FULL_SIZE_PARAMS:
+        raise MlaconvertError(
+            f"no CUDA device found and a {params / 1e9:.1f}B-parameter model on the CPU would take hours; pass --device cpu to run it anyway"
+        )
+    return torch.device("cpu")
