@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ PSNR_KEYS = {"model": "psnr_db", "teacher": "teacher_psnr_db", "baseline": "base
 
 @torch.no_grad()
 def evaluate(model: WanModel, truth: Truth, *, settings: EvalSettings, sampler: SamplerSettings, prefix: int,
-             teacher: WanModel | None = None, on_chunk=None) -> EvalResult:
+             teacher: WanModel | None = None, on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> EvalResult:
     """Roll `model` (and `teacher`) out after the first `prefix` frames of every truth clip, in batches, and
     compare with the truth. Batch i draws its initial noise from seed `settings.seed + i`; the teacher gets the
     same noise, so model and teacher differ only by their weights."""
@@ -164,7 +165,7 @@ def evaluate(model: WanModel, truth: Truth, *, settings: EvalSettings, sampler: 
                 detections[name].append(health.detect_balls(video, background, area))
         for name, video in videos.items():
             strip[name].append(video[: max(0, settings.strip_clips - first)])
-    report = _psnr_report(sse, n * channels * h * w, prefix, spans)
+    report = psnr_report(sse, n * channels * h * w, prefix, spans)
     report["noise_seeds"] = noise_seeds
     report["health"] = None if truth.state is None else {
         name: health.health(health.Detection.concat(parts), truth.state, prefix, spans) for name, parts in detections.items()
@@ -173,7 +174,7 @@ def evaluate(model: WanModel, truth: Truth, *, settings: EvalSettings, sampler: 
     return EvalResult(report, {name: torch.cat(parts) for name, parts in strip.items()})
 
 
-def _psnr_report(sse: dict[str, torch.Tensor], values_per_frame: int, prefix: int, spans: list[tuple[int, int]]) -> dict[str, Any]:
+def psnr_report(sse: dict[str, torch.Tensor], values_per_frame: int, prefix: int, spans: list[tuple[int, int]]) -> dict[str, Any]:
     """Per horizon bucket and per frame after the prefix: PSNR of each predictor from its pooled squared error."""
     horizons = [
         {"frames": [a, b], **{PSNR_KEYS[name]: psnr_db(float(s[a:b].sum()) / (values_per_frame * (b - a))) for name, s in sse.items()}}
