@@ -193,12 +193,6 @@ def _agreement(model: WanModel, teacher: WanModel, truth: Truth, settings: EvalS
     return teacher_agreement(model, teacher, truth.video[:k, :, :frames], truth.text[:k], settings=sampler, seed=settings.seed)
 
 
-def _default_sampler(config: WanConfig) -> SamplerSettings:
-    """The sampler the model's config asks for."""
-    s = config.sampler
-    return SamplerSettings(chunk=s.chunk, window=s.window, steps=tuple(1000.0 * (1 - i / s.steps) for i in range(s.steps)), shift=s.shift)
-
-
 def _check_teacher(config: WanConfig, teacher: WanConfig) -> None:
     mine = (config.in_dim, config.out_dim, config.patch_size, config.text_dim)
     theirs = (teacher.in_dim, teacher.out_dim, teacher.patch_size, teacher.text_dim)
@@ -214,14 +208,14 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
     from mlaconvert.model import load_model
     from mlaconvert.outputs import atomic_dir, check_writable, write_json
     from mlaconvert.progress import progress_bar
-    from mlaconvert.sampling import resolve_device
+    from mlaconvert.devices import choose_device
 
     output = Path(output)
     check_writable(output, force)
     settings.check()
     checkpoint = load_source(model_spec)
     cfg = checkpoint.config
-    sampler = sampler or _default_sampler(cfg)
+    sampler = sampler or SamplerSettings.for_model(cfg)
     prefix = settings.prefix or sampler.chunk
     if data is not None:
         truth = data_truth(data, cfg, settings, sampler.chunk, prefix)
@@ -234,7 +228,7 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
     teacher_ckpt = load_source(teacher) if teacher is not None else None
     if teacher_ckpt is not None:
         _check_teacher(cfg, teacher_ckpt.config)
-    dev = resolve_device(device, sum(t.numel() for t in checkpoint.state_dict.values()))
+    dev = choose_device(device, sum(t.numel() for t in checkpoint.state_dict.values()))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
     teacher_model = None if teacher_ckpt is None else load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev, dtype=dtype).eval()
