@@ -22,7 +22,10 @@ TINY_WAN = WanConfig(
 )
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTINS = {"tiny-wan": "random weights (deterministic, seed 0), not a trained model"}
+BUILTINS = {
+    "tiny-wan": "random weights (deterministic, seed 0), not a trained model",
+    "bouncing-balls": "a small causal Wan trained from scratch on the bouncing-balls world (mlaconvert pretrain)",
+}
 
 
 def builtin_path(name: str) -> Path:

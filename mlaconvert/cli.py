@@ -76,8 +76,9 @@ def sample(
     vae: Optional[str] = typer.Option(None, "--vae", help="Diffusers-layout repo or folder with vae/: decode while rolling out and write video.mp4."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames to generate (4 video frames each)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Seconds of 16 fps video (default 5)."),
-    height: int = typer.Option(480, "--height", help="Video height in pixels (multiple of 16)."),
-    width: int = typer.Option(832, "--width", help="Video width in pixels (multiple of 16)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Video height in pixels (default: the prefix's, else the model's world, else 480)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Video width in pixels (default: the prefix's, else the model's world, else 832)."),
+    prefix: Optional[Path] = typer.Option(None, "--prefix", help="Continue this video: a safetensors file with 'latents' (B, C, F, h, w), e.g. a sample's latents.safetensors; --frames counts the new frames."),
     batch: int = typer.Option(1, "--batch", help="Streams at once with --random-text."),
     chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per autoregressive chunk (default: the model's own)."),
     window: Optional[int] = typer.Option(None, "--window", help="Attention span in latent frames, the current chunk included (default: the model's own)."),
@@ -99,7 +100,7 @@ def sample(
         sink=sink, positions=positions, seed=seed,
     )
     report = run_sample(
-        model, output, frames=frames, seconds=seconds, height=height, width=width, prompts=prompt,
+        model, output, frames=frames, seconds=seconds, height=height, width=width, prefix=prefix, prompts=prompt,
         prompt_embeds=prompt_embeds, random_text=random_text, text_encoder=text_encoder, vae=vae, batch=batch,
         sampler=sampler, device=device, force=force,
     )
@@ -264,6 +265,97 @@ def finetune(
         f"{after['flow_relative_error_mean']:.4f}, rollout PSNR {before['rollout_psnr_db_mean']:.2f} -> {after['rollout_psnr_db_mean']:.2f} dB"
     )
     out.print(f"wrote {output}")
+
+
+@app.command()
+def pretrain(
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, loss plot, checkpoint, and the trained model (a valid SOURCE)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name) with a \\[pretrain] table, e.g. bouncing-balls."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: the recipe's)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds of training before stopping with a checkpoint (continue with --resume)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
+) -> None:
+    """Train the built-in world model from scratch on the bouncing-balls world (one GPU, minutes).
+
+    Example: mlaconvert pretrain --recipe bouncing-balls -o bouncing-balls
+    """
+    from mlaconvert.pretrain import pretrain as run_pretrain, settings_from_recipe
+    from mlaconvert.progress import progress_bar
+    from mlaconvert.recipes import load_recipe
+
+    plan = load_recipe(recipe) if recipe else {}
+    settings = settings_from_recipe(dict(plan.get("pretrain", {})))
+    if max_steps is not None:
+        settings.max_steps = max_steps
+
+    def left_behind() -> str:
+        return f"pretrain stopped; '{output}' keeps its latest checkpoint and log; continue with: {_rerun('--resume')}"
+
+    with _on_interrupt(left_behind), progress_bar() as progress:
+        task = progress.add_task("pretrain", total=settings.max_steps)
+        result = run_pretrain(output, settings, device=device, resume=resume, force=force, time_limit=time_limit,
+                              on_step=lambda row: progress.update(task, completed=row["step"]))
+    last = result.log[-1] if result.log else {}
+    if not result.finished:
+        out.print(f"stopped at step {result.step} of {settings.max_steps} (time limit); continue with: {_rerun('--resume')}")
+        return
+    out.print(f"{result.step} steps, final loss {last.get('loss', float('nan')):.4g}; wrote the model to {output}")
+    out.print(f"next: mlaconvert eval {output} -o {output}-eval")
+
+
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Argument(..., help="The model to judge: a dense source or an MLA export (any SOURCE form)."),
+    output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for eval.json, eval.png and strip.png."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="A dense teacher to compare with (default: the source an MLA export records)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of *.safetensors clips with known continuations (as finetune --data); default: fresh clips of the model's world."),
+    clips: int = typer.Option(32, "--clips", help="Fresh world clips to judge on."),
+    frames: int = typer.Option(240, "--frames", help="Frames to roll out after the true prefix."),
+    prefix: Optional[int] = typer.Option(None, "--prefix-frames", help="True frames given before the rollout (default: one chunk)."),
+    batch: int = typer.Option(8, "--batch", help="Clips rolled out at once."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
+    window: Optional[int] = typer.Option(None, "--window", help="Attention span in latent frames (default: the model's own)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the clips and of all sampling noise."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+) -> None:
+    """Roll out after a true prefix and compare with the true continuation (and the dense teacher), per horizon.
+
+    Example: mlaconvert eval builtin:bouncing-balls --clips 8 --frames 60 -o eval
+    """
+    from mlaconvert.evaluate import EvalSettings, run_eval
+    from mlaconvert.hub import load_source
+    from mlaconvert.sampling import SamplerSettings, parse_timesteps
+
+    config = load_source(model).config
+    if teacher is None and config.is_mla:
+        teacher = config.mla.source.get("repo")
+    sampler = SamplerSettings.for_model(config, steps=steps, timesteps=parse_timesteps(timesteps) if timesteps else None,
+                                        shift=shift, window=window, seed=seed)
+    settings = EvalSettings(clips=clips, frames=frames, prefix=prefix, batch=batch, seed=seed)
+    report = run_eval(model, output, teacher=teacher, data=data, settings=settings, sampler=sampler, device=device, force=force)
+    print_eval(report)
+    out.print(f"wrote {output / 'eval.json'}; look at {output / 'eval.png'} and {output / 'strip.png'}")
+
+
+def print_eval(report: dict) -> None:
+    """PSNR to the truth per horizon bucket, beside the baselines (and the teacher)."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']} vs the truth (PSNR, dB)")
+    teacher = any("teacher_psnr_db" in h for h in report["horizons"])
+    for name in ("frames", "model", *(("teacher",) if teacher else ()), "copy-last", "background"):
+        table.add_column(name, justify="right")
+    for h in report["horizons"]:
+        a, b = h["frames"]
+        row = [f"[{a}, {b})", f"{h['psnr_db']:.2f}", *([f"{h['teacher_psnr_db']:.2f}"] if teacher else []),
+               f"{h['baseline_psnr_db']:.2f}", f"{h['background_psnr_db']:.2f}"]
+        table.add_row(*row)
+    out.print(table)
 
 
 class Interrupted(Exception):

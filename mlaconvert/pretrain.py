@@ -351,12 +351,11 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
 
 def settings_from_recipe(table: dict[str, Any]) -> PretrainSettings:
     """A recipe's [pretrain] table: its own keys, and a [pretrain.model] table of WanConfig fields."""
-    from mlaconvert.recipes import merge
+    from mlaconvert.formats import config_from_dict
+    from mlaconvert.recipes import check_section
 
+    check_section(PretrainSettings, table, "[pretrain]", "pretrain")
     table = dict(table)
-    model = table.pop("model", {})
-    config = WORLD_MODEL
-    if model:
-        merged = {**WORLD_MODEL.to_dict(), **model}
-        config = WanConfig.from_dict(merged)
-    return merge(PretrainSettings, {**table, "model": config}, {}, "pretrain")
+    model = table.pop("model", None)
+    config = config_from_dict({**WORLD_MODEL.to_dict(), **model}, "[pretrain.model]") if model else WORLD_MODEL
+    return PretrainSettings(**table, model=config)

@@ -28,6 +28,7 @@ TOP_LEVEL = {"source": "the model to start from (any SOURCE form)", "config": "p
 SECTIONS = {
     "convert": ("mlaconvert.convert", "ConvertSettings"),
     "finetune": ("mlaconvert.finetune", "FinetuneSettings"),
+    "pretrain": ("mlaconvert.pretrain", "PretrainSettings"),
 }
 # Keys of older recipes whose meaning moved: each gets a one-line error naming its replacement.
 RENAMED = {

@@ -230,8 +230,9 @@ def sample(
     *,
     frames: int | None = None,
     seconds: float | None = None,
-    height: int = 480,
-    width: int = 832,
+    height: int | None = None,
+    width: int | None = None,
+    prefix: str | Path | None = None,
     prompts: list[str] | None = None,
     prompt_embeds: str | Path | None = None,
     random_text: bool = False,
@@ -245,7 +246,9 @@ def sample(
     """Roll out a dense or MLA model and write OUT/latents.safetensors, OUT/run.json and, with a VAE, OUT/video.mp4.
 
     sampler: keyword arguments of `SamplerSettings.for_model` (steps, timesteps, shift, chunk, window, sink,
-    positions, seed); what they leave out is the model's own.
+    positions, seed); what they leave out is the model's own. prefix: a safetensors file with `latents`
+    (B, C, F, h, w), e.g. an earlier sample's: committed first, continued for `frames` new frames, and written
+    in front of them. height/width (pixels) default to the prefix's size, else the model's world, else 480x832.
     """
     from safetensors.torch import save_file
 
@@ -263,13 +266,19 @@ def sample(
         frames = latent_frames_for(seconds if seconds is not None else 5.0)
     checkpoint = load_source(model_spec)
     cfg = checkpoint.config
+    given = load_prefix(prefix, cfg) if prefix is not None else None
+    height, width = _frame_size(cfg, given, height, width)
     latent_size = check_video_size(height, width, cfg)
     settings = SamplerSettings.for_model(cfg, **(sampler or {}))
     check_settings(settings, frames)
     params = sum(t.numel() for t in checkpoint.state_dict.values())
     dev = choose_device(device, params)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if given is not None:
+        batch = given.shape[0]
     text, prompt_list = _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, batch, settings.seed, dev)
+    if given is not None and text.shape[0] != given.shape[0]:
+        raise MlaconvertError(f"the prefix holds {given.shape[0]} stream(s) but {text.shape[0]} prompt(s) were given: give one per stream")
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
 
     start = time.perf_counter()
@@ -282,7 +291,8 @@ def sample(
                     decode(x0)
                     advance()
 
-                result = rollout(model, text, frames=frames, latent_size=latent_size, settings=settings, on_chunk=on_chunk)
+                result = rollout(model, text, frames=frames, latent_size=latent_size, settings=settings, prefix=given,
+                                 on_chunk=on_chunk)
         except torch.OutOfMemoryError:
             raise MlaconvertError(
                 f"out of GPU memory for batch {text.shape[0]} at {height}x{width} with a {settings.window}-frame window: "
@@ -292,8 +302,43 @@ def sample(
         total = time.perf_counter() - start
         save_file({"latents": result.latents.contiguous()}, str(tmp / "latents.safetensors"), metadata={"prompts": json.dumps(prompt_list)})
         report = run_report(result, model_spec, cfg, settings, frames, (height, width), dev, total, prompt_list)
+        report["prefix"] = None if given is None else {"file": str(prefix), "frames": given.shape[2]}
         write_json(tmp / "run.json", report)
     return report
+
+
+def load_prefix(path: str | Path, config: WanConfig) -> torch.Tensor:
+    """The `latents` (B, C, F, h, w) of a safetensors file, checked against the model's channels and patch."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MlaconvertError(f"no such prefix file: '{path}'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            if "latents" not in f.keys():
+                raise MlaconvertError(f"the prefix '{path}' has no 'latents' tensor (it has: {', '.join(f.keys()) or 'nothing'})")
+            latents = f.get_tensor("latents").float()
+    except SafetensorError as e:
+        raise MlaconvertError(f"the prefix '{path}' is not a readable safetensors file: {e}") from None
+    _, ph, pw = config.patch_size
+    if latents.ndim != 5 or latents.shape[1] != config.in_dim or latents.shape[2] < 1 or latents.shape[3] % ph or latents.shape[4] % pw:
+        raise MlaconvertError(
+            f"the prefix '{path}' holds latents of shape {tuple(latents.shape)}; this model needs (streams, {config.in_dim}, "
+            f"frames >= 1, height, width) with height and width divisible by the patch {ph}x{pw}"
+        )
+    return latents
+
+
+def _frame_size(config: WanConfig, prefix: torch.Tensor | None, height: int | None, width: int | None) -> tuple[int, int]:
+    """Pixels: the prefix fixes them; otherwise what was asked for, else the model's world, else Wan's 480x832."""
+    if prefix is not None:
+        size = prefix.shape[3] * config.vae_stride[1], prefix.shape[4] * config.vae_stride[2]
+        if (height or size[0], width or size[1]) != size:
+            raise MlaconvertError(f"the prefix is {size[0]}x{size[1]} pixels; --height/--width cannot change that (got {height}x{width})")
+        return size
+    default = (config.world.size, config.world.size) if config.world is not None else (480, 832)
+    return height or default[0], width or default[1]
 
 
 def _video_sink(vae: str | None, folder: Path, batch: int, dev: torch.device, stack: contextlib.ExitStack) -> Callable[[torch.Tensor], None]:
@@ -315,7 +360,7 @@ def _video_sink(vae: str | None, folder: Path, batch: int, dev: torch.device, st
 
 
 def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frames: int, size: tuple[int, int], dev: torch.device, total: float, prompts: list[str] | None) -> dict[str, Any]:
-    video_frames = frames * FRAMES_PER_LATENT * result.latents.shape[0]
+    video_frames = frames * cfg.vae_stride[0] * result.latents.shape[0]
     rollout_seconds = sum(result.chunk_seconds)
     return {
         "model": spec,
@@ -323,7 +368,7 @@ def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frame
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "batch": result.latents.shape[0],
         "latent_frames": frames,
-        "video_seconds": frames * FRAMES_PER_LATENT / VIDEO_FPS,
+        "video_seconds": frames * cfg.vae_stride[0] / VIDEO_FPS,
         "size": list(size),
         "settings": {**settings.__dict__, "timesteps": list(settings.timesteps), "warped_timesteps": warp_timesteps(settings.timesteps, settings.shift)},
         "fps_latent_only": video_frames / rollout_seconds,
@@ -348,6 +393,10 @@ def _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, bat
         from mlaconvert.text import load_prompt_embeds
 
         embeds, names = load_prompt_embeds(prompt_embeds)
+    elif cfg.text_encoder == "captions":
+        from mlaconvert.world import embed_captions
+
+        embeds, names = embed_captions(list(prompts), cfg.text_len, cfg.text_dim), list(prompts)
     else:
         from mlaconvert.text import encode_prompts
 
