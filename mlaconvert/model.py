@@ -191,15 +191,20 @@ class LatentSelfAttention(Attention):
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _linear(self.kv_down, x), _linear(self.k_rope, x)
 
-    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, r = entries
-        k_c = _linear(self.k_up, c)
+    def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
         pairs = r.float().unflatten(-1, (-1, 2))
         rope_energy = torch.einsum("...pi,pij,...pj->...", pairs, self.k_rope_norm.float(), pairs).unsqueeze(-1)
         # The norm is reduced in float32 without a float32 copy of the whole window's content keys.
         norm_dtype = torch.promote_types(k_c.dtype, torch.float32)
         energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
-        scale = torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
+        return torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
+
+    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r = entries
+        k_c = _linear(self.k_up, c)
+        pairs = r.float().unflatten(-1, (-1, 2))
+        scale = self.key_scale(k_c, r)
         k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
         k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(positions))
         k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
