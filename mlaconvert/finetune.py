@@ -58,8 +58,6 @@ from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_js
 from mlaconvert.sampling import SamplerSettings, rollout, warp_timesteps
 
 TRAIN_MODES = ("mla", "attn", "all")
-# The tensors convert creates in every blocks.N.self_attn.; q, o and norm_q are the dense model's own.
-MLA_TENSORS = ("kv_down", "k_up", "v_up", "k_rope", "k_rope_norm", "q_rope_mix")
 TIMESTEP_MODES = ("list", "uniform")
 LATENTS_KEY, TEXT_KEY = "latents", "prompt_embeds"
 LOG_NAME, LOSS_PLOT, AGREEMENT_NAME, CHECKPOINT_DIR = "train_log.jsonl", "loss.png", "agreement.json", "checkpoint"
@@ -161,13 +159,26 @@ def derived_seed(seed: int, purpose: str, index: int) -> int:
 # Models
 
 
-def trainable_names(names: list[str], mode: str) -> list[str]:
-    """The parameter names `--train mode` updates, out of a model's parameter names."""
+def mla_parameter_names(config: WanConfig) -> set[str]:
+    """The parameters conversion creates: those the MLA model has and the dense model of its config lacks.
+
+    Derived from the two models (built on the meta device, so nothing is allocated) rather than listed by hand,
+    so a new MLA tensor — the low-rank query of --q-rank, say — is trained by `--train mla` without anyone
+    remembering to add it.
+    """
+    with torch.device("meta"):
+        mla, dense = WanModel(config), WanModel(config.replace(mla=None))
+    return {n for n, _ in mla.named_parameters()} - {n for n, _ in dense.named_parameters()}
+
+
+def trainable_names(config: WanConfig, names: list[str], mode: str) -> list[str]:
+    """The parameter names `--train mode` updates, out of the names of a model of `config`."""
     if mode == "all":
         return list(names)
     if mode == "attn":
         return [n for n in names if ".self_attn." in n]
-    return [n for n in names if ".self_attn." in n and n.split(".self_attn.")[1].split(".")[0] in MLA_TENSORS]
+    new = mla_parameter_names(config)
+    return [n for n in names if n in new]
 
 
 def _dense_mismatch(student: WanConfig, teacher: WanConfig) -> list[str]:
@@ -200,9 +211,9 @@ def load_pair(model: str, teacher: str | None = None) -> tuple[Checkpoint, Check
     return student, dense
 
 
-def _set_trainable(model: nn.Module, mode: str) -> list[str]:
+def _set_trainable(model: WanModel, mode: str) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
-    chosen = set(trainable_names(names, mode))
+    chosen = set(trainable_names(model.config, names, mode))
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
     return [n for n in names if n in chosen]

@@ -19,16 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlaconvert.builtin import TINY_WAN, make_tiny_wan
-from mlaconvert.convert import ConvertSettings, convert_source
+from mlaconvert.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.finetune import (
-    MLA_TENSORS,
     AttentionOutputs,
     FinetuneSettings,
     chunk_timesteps,
     distill_loss,
+    _set_trainable,
     finetune,
     load_pair,
+    mla_parameter_names,
     trainable_names,
 )
 from mlaconvert.formats import save_native
@@ -71,8 +72,9 @@ def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path)
     assert after["rollout_psnr_db_mean"] > before["rollout_psnr_db_mean"]
 
     student, tuned = weights(work / "mla"), weights(out)
-    mla = set(trainable_names(list(student), "mla"))
-    assert mla and all(name.split(".self_attn.")[1].split(".")[0] in MLA_TENSORS for name in mla)
+    config = load_source(str(work / "mla")).config
+    mla = set(trainable_names(config, list(student), "mla"))
+    assert mla == mla_parameter_names(config)
     for name, tensor in student.items():
         if name in mla:
             assert not torch.equal(tuned[name], tensor), name
@@ -114,7 +116,7 @@ def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) 
     student_ckpt, teacher_ckpt = load_pair(str(work / "mla"))
     student = load_model(student_ckpt.config, {k: v.clone() for k, v in student_ckpt.state_dict.items()})
     teacher = load_model(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
-    trained = set(trainable_names([n for n, _ in student.named_parameters()], "mla"))
+    trained = set(trainable_names(student.config, [n for n, _ in student.named_parameters()], "mla"))
     for name, param in student.named_parameters():
         param.requires_grad_(name in trained)
     g = torch.Generator().manual_seed(0)
@@ -198,3 +200,18 @@ def test_each_chunk_gets_one_timestep_from_the_sampler() -> None:
     assert set(listed.flatten().tolist()) == set(torch.tensor(warped).tolist())
     uniform = chunk_timesteps(dataclasses.replace(SMALL, timesteps="uniform"), 64, 6, g)
     assert uniform.min() >= 625.0 and uniform.max() <= 1000.0 and len(set(uniform[:, 0].tolist())) == 64
+
+
+@pytest.mark.parametrize("q_rank", [None, 96])
+def test_train_mla_trains_every_tensor_conversion_creates(q_rank: int | None) -> None:
+    dense = load_source("builtin:tiny-wan")
+    mla = convert_model(dense, ConvertSettings(dc=32, rope_dim=16, q_rank=q_rank, measure=False))
+    student = load_model(mla.config, mla.state_dict)
+    trained = set(_set_trainable(student, "mla"))
+    # Independent of the code under test: the tensors the export has and the dense source has not, by name.
+    created = set(mla.state_dict) - set(dense.state_dict)
+    assert trained == created
+    assert {p for p in created if ".q_down." in p or ".q_up." in p} == (
+        {f"blocks.{i}.self_attn.{n}" for i in range(2) for n in ("q_down.weight", "q_up.weight", "q_up.bias")} if q_rank else set()
+    )
+    assert all(p.requires_grad == (n in created) for n, p in student.named_parameters())
