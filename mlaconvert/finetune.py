@@ -571,6 +571,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        for block in self.student.blocks:
+            block.self_attn.project_key_form()
         self.scheduler.step()
         stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=procs.device)  # nccl reduces on the GPU
         if procs.world > 1:

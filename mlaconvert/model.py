@@ -188,6 +188,15 @@ class LatentSelfAttention(Attention):
     def cache_widths(self) -> tuple[int, ...]:
         return self.kv_down.out_features, self.rope_dim
 
+    @torch.no_grad()
+    def project_key_form(self) -> None:
+        """Move `k_rope_norm` to the nearest (Frobenius) positive semi-definite form: symmetrise, clamp the
+        eigenvalues at 0. An energy must not go negative — its square root would be NaN — and an optimizer
+        step knows nothing of that; projecting after each step keeps the stored 2x2 form (the export format)."""
+        form = self.k_rope_norm
+        values, vectors = torch.linalg.eigh(((form + form.transpose(-1, -2)) / 2).double())
+        form.copy_((vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.transpose(-1, -2))
+
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _linear(self.kv_down, x), _linear(self.k_rope, x)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -215,3 +217,21 @@ def test_train_mla_trains_every_tensor_conversion_creates(q_rank: int | None) ->
         {f"blocks.{i}.self_attn.{n}" for i in range(2) for n in ("q_down.weight", "q_up.weight", "q_up.bias")} if q_rank else set()
     )
     assert all(p.requires_grad == (n in created) for n, p in student.named_parameters())
+
+
+def test_the_key_energy_form_stays_positive_semidefinite_at_a_large_learning_rate(work: Path) -> None:
+    settings = dataclasses.replace(SMALL, steps=4, lr=5.0, warmup=0, grad_clip=1e3, checkpoint_every=4)
+    result = run(work, "psd", settings)
+    assert all(math.isfinite(row["loss"]) for row in result.log)
+    forms = {n: t for n, t in weights(work / "psd").items() if n.endswith("k_rope_norm")}
+    assert forms and not any(torch.equal(forms[n], weights(work / "mla")[n]) for n in forms)  # they did move
+    for form in forms.values():
+        f = form.double().numpy()
+        assert np.linalg.eigvalsh((f + f.transpose(0, 2, 1)) / 2).min() >= -1e-5 * np.abs(f).max()
+        np.testing.assert_allclose(f, f.transpose(0, 2, 1), atol=1e-6)
+    # A converted form is PSD already: projecting it changes nothing, so exports from before still train the same.
+    student = load_model(load_source(str(work / "mla")).config, weights(work / "mla"))
+    before = [b.self_attn.k_rope_norm.detach().clone() for b in student.blocks]
+    for block, form in zip(student.blocks, before):
+        block.self_attn.project_key_form()
+        torch.testing.assert_close(block.self_attn.k_rope_norm.detach(), form, rtol=1e-6, atol=1e-6)
