@@ -25,6 +25,10 @@ from mlaconvert.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.finetune import (
     AttentionOutputs,
+    Clips,
+    Processes,
+    Trainer,
+    derived_seed,
     FinetuneSettings,
     chunk_timesteps,
     distill_loss,
@@ -59,12 +63,15 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, steps=30, warmup=3, checkpoint_every=10)
+    settings = dataclasses.replace(SMALL, steps=30, warmup=3, checkpoint_every=10, eval_every=10)
     result = run(work, "long", settings)
     out = work / "long"
 
-    losses = [row["loss"] for row in result.log]
-    assert len(losses) == 30 and [row["step"] for row in result.log] == list(range(1, 31))
+    losses = [row["loss"] for row in result.log[1:]]
+    assert len(losses) == 30 and [row["step"] for row in result.log] == list(range(0, 31))
+    # The fixed held-out objective: at the start, every eval_every (10) steps and the end, and it falls too.
+    held = {row["step"]: row["eval_loss"] for row in result.log if "eval_loss" in row}
+    assert sorted(held) == [0, 10, 20, 30] and held[30] < held[0]
     # Each step draws its own timesteps, so single losses are noisy: compare the first and last ten.
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
     agreement = json.loads((out / "agreement.json").read_text())
@@ -94,9 +101,10 @@ def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path)
 
 
 def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, layer_loss_weight=0.5)  # the hooked layer term must resume exactly too
+    # The hooked layer term must resume exactly too; the evaluation at step 4 lies after the kill's checkpoint.
+    settings = dataclasses.replace(SMALL, layer_loss_weight=0.5, eval_every=4)
     whole = run(work, "whole", settings)
-    assert all(row["loss"] > row["flow_loss"] > 0 and row["layer_loss"] > 0 for row in whole.log)
+    assert all(row["loss"] > row["flow_loss"] > 0 and row["layer_loss"] > 0 for row in whole.log[1:])
     # A kill after step 3: the last checkpoint is step 2's, step 3 is lost and must be redone identically.
     stopped = run(work, "killed", settings, stop_after=3)
     assert not stopped.exported and not (work / "killed" / "model.safetensors").exists()
@@ -108,9 +116,14 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
 
     a, b = weights(work / "whole"), weights(work / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [(r["step"], r["loss"], r["lr"]) for r in resumed.log] == [(r["step"], r["loss"], r["lr"]) for r in whole.log]
+    def fields(rows):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("eval_loss")) for r in rows]
+
+    assert fields(resumed.log) == fields(whole.log)
     log = [json.loads(line) for line in (work / "killed" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 7))
+    assert [r["step"] for r in log] == list(range(0, 7))
+    # eval_loss (every 4 steps, and the end): the same clips, noise and timesteps, so only the weights change it.
+    assert [r["step"] for r in log if "eval_loss" in r] == [0, 4, 6]
 
 
 def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) -> None:
@@ -235,3 +248,28 @@ def test_the_key_energy_form_stays_positive_semidefinite_at_a_large_learning_rat
     for block, form in zip(student.blocks, before):
         block.self_attn.project_key_form()
         torch.testing.assert_close(block.self_attn.k_rope_norm.detach(), form, rtol=1e-6, atol=1e-6)
+
+
+def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
+    student_ckpt, teacher_ckpt = load_pair(str(work / "mla"))
+    student = load_model(student_ckpt.config, {k: v.clone() for k, v in student_ckpt.state_dict.items()})
+    teacher = load_model(teacher_ckpt.config, teacher_ckpt.state_dict)
+    g = torch.Generator().manual_seed(3)
+    clips = Clips(torch.randn(4, 4, 6, 8, 8, generator=g), torch.randn(4, 32, 64, generator=g), {})
+    procs = Processes(0, 1, torch.device("cpu"), False)
+    trainer = Trainer(student, teacher, clips, SMALL, procs)
+    first = trainer.held_out_loss()
+    trainer.step()  # draws its own noise; must not move the held-out draw
+    assert trainer.held_out_loss() != first
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(student_ckpt.state_dict[name])
+    assert trainer.held_out_loss() == first
+    # The reference: the objective on the last held_out clips with the run's fixed seeded draw, by hand.
+    gen = torch.Generator().manual_seed(derived_seed(SMALL.seed, "eval", 0))
+    t = chunk_timesteps(SMALL, 2, 6, gen)
+    noise = torch.randn(2, 4, 6, 8, 8, generator=gen)
+    with torch.no_grad():
+        expected = np.mean([float(distill_loss(student, teacher, clips.latents[i:i + 1], clips.text[i:i + 1], noise[i - 2:i - 1],
+                                               t[i - 2:i - 1], chunk=3)[0]) for i in (2, 3)])
+    assert first == pytest.approx(expected, rel=1e-6)
