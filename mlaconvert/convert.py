@@ -350,5 +350,6 @@ def convert_source(
         report = conversion_report(checkpoint, conversion, settings)
     report["conversion"]["seconds"]["total"] = round(time.perf_counter() - start, 3)
     report["conversion"]["device"] = str(dev)
+    report["export"] = str(output)
     write_export(output, conversion.config, conversion.state_dict, report, force=force)
     return conversion, report

@@ -672,6 +672,12 @@ def _training_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    """The log's picture as a PNG (see `loss_figure`)."""
+    with atomic_file(path) as tmp:
+        loss_figure(rows).savefig(tmp, format="png", dpi=100)
+
+
+def loss_figure(rows: list[dict[str, Any]]) -> Any:
     """Training loss and the held-out loss (log scale) and the learning rate against the step."""
     from matplotlib.figure import Figure
 
@@ -694,8 +700,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     handles = [h for a in (ax, lr_ax) for h in a.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize="small")
     fig.suptitle("finetune: student vs teacher")
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    return fig
 
 
 @torch.no_grad()
@@ -920,6 +925,7 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
     for entry, utilisation in zip(report["layers"], after["utilisation"], strict=True):
         entry["mla"]["utilisation"] = utilisation
     report["summary"]["mean_utilisation"]["latents"] = float(np.mean([u["latents"]["utilisation"] for u in after["utilisation"]]))
+    report["export"] = str(output)
     report["finetune"] = _finetune_report(trainer, rows, before, after, teacher_ckpt, teacher_sha)
     write_json(output / AGREEMENT_NAME, {"before": before["agreement"], "after": after["agreement"]})
     _publish(output, config, state, report)

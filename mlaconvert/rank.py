@@ -468,24 +468,36 @@ def _print_dense(report: Mapping[str, Any], console: Console) -> None:
 
 
 def plot_report(report: Mapping[str, Any], path: Path) -> None:
-    """PNG: (a) effective rank per layer for K, V, KV against dc; (b) normalised joint KV spectra by depth."""
+    """The report's picture as a PNG (see `report_figure`)."""
+    with atomic_file(path) as tmp:
+        report_figure(report).savefig(tmp, format="png", dpi=110)
+
+
+def report_figure(report: Mapping[str, Any]) -> Any:
+    """Figure: (a) effective rank per layer for K, V, KV against dc; (b) normalised joint KV spectra by depth;
+    for an MLA model (c) rank utilisation and, when a conversion measured them, (d) the measured errors."""
     # Imported here so the CLI starts fast; a bare Figure renders through Agg without touching pyplot's
     # global backend or needing a display.
     from matplotlib.figure import Figure
 
     layers = report["layers"]
     has_dense, has_mla = "k" in layers[0], "mla" in layers[0]
-    panels = 2 * has_dense + has_mla
-    fig = Figure(figsize=(6.5 * panels, 5), layout="constrained")
+    has_errors = has_mla and "measured" in layers[0]["mla"]
+    panels = 2 * has_dense + has_mla + has_errors
+    fig = Figure(figsize=(6.5 * panels, 5.5), layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(1, panels)))
-    if has_mla:
-        _plot_mla(report, axes[-1], "(c)" if has_dense else "")
     if has_dense:
         _plot_dense(report, fig, axes[0], axes[1])
+    tags = iter(["(c)", "(d)"] if has_dense else ["(a)", "(b)"])
+    if has_mla:
+        _plot_mla(report, axes[2 * has_dense], next(tags) if panels > 1 else "")
+    if has_errors:
+        _plot_errors(report, axes[-1], next(tags))
     title = "Self-attention K/V rank" if has_dense else "MLA rank utilisation"
-    fig.suptitle(f"{title}: {_source_label(report)}")
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    # An export is titled by itself, with the model it was made from.
+    label = f"{report['export']} (from {_source_label(report)})" if report.get("export") else _source_label(report)
+    fig.suptitle(f"{title}: {label}")
+    return fig
 
 
 def _plot_mla(report: Mapping[str, Any], ax: Any, tag: str) -> None:
@@ -493,21 +505,43 @@ def _plot_mla(report: Mapping[str, Any], ax: Any, tag: str) -> None:
 
     layers = report["layers"]
     indices = [layer["index"] for layer in layers]
-    styles = {"kv_down": "o", "k_up_kv_down": "^", "v_up_kv_down": "s", "latents": "D"}
-    for name, marker in styles.items():
+    # Distinct dashes and marker sizes: the weight utilisations often coincide at 1.0 and would hide each other.
+    styles = {"kv_down": ("o", "-", 8), "k_up_kv_down": ("^", "--", 6), "v_up_kv_down": ("s", ":", 4), "latents": ("D", "-", 4)}
+    for name, (marker, line, size) in styles.items():
         values = [(layer["mla"]["utilisation"].get(name) or {}).get("utilisation") for layer in layers]
         if any(v is not None for v in values):
-            ax.plot(indices, [np.nan if v is None else v for v in values], marker=marker, markersize=4, label=name)
-    if "measured" in layers[0]["mla"]:
-        ax.plot(indices, [layer["mla"]["measured"]["attn_error"] for layer in layers], "k--", label="attention error (measured)")
-        ax.plot(indices, [layer["mla"]["spectral_prediction"]["spectral_error_at_dc"] for layer in layers], "k:", label="spectral prediction")
-    ax.set_ylim(0, 1.15)
+            ax.plot(indices, [np.nan if v is None else v for v in values], marker=marker, linestyle=line, markersize=size, label=name)
+    ax.set_ylim(0, 1.05)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("effective rank / dc, or relative error")
+    ax.set_ylabel("effective rank / dc")
     ax.set_title(f"{tag} rank utilisation of the latent budget".strip())
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
+
+
+def _plot_errors(report: Mapping[str, Any], ax: Any, tag: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    layers = report["layers"]
+    indices = [layer["index"] for layer in layers]
+    names = {"attn_error": ("attention output", "k", "o"), "k_error": ("pre-norm key", "tab:blue", "^"),
+             "k_normed_error": ("key after the norm", "tab:purple", "v"), "v_error": ("value", "tab:orange", "s")}
+    top = 0.0
+    for key, (label, color, marker) in names.items():
+        values = [layer["mla"]["measured"].get(key) for layer in layers]
+        if any(v is not None for v in values):  # reports written before k_normed_error lack it
+            ax.plot(indices, [np.nan if v is None else v for v in values], color=color, marker=marker, markersize=4, label=label)
+            top = max(top, np.nanmax([np.nan if v is None else v for v in values]))
+    prediction = [layer["mla"]["spectral_prediction"]["spectral_error_at_dc"] for layer in layers]
+    ax.plot(indices, prediction, "k:", label="spectral prediction at dc")
+    ax.set_ylim(0, 1.1 * max(top, max(prediction), 1e-3))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative error on calibration tokens")
+    ax.set_title(f"{tag} measured conversion error".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize="small")
 
 
 def _plot_dense(report: Mapping[str, Any], fig: Any, rank_ax: Any, spectrum_ax: Any) -> None:

@@ -274,3 +274,20 @@ def test_key_energy_form_is_exact_when_heads_are_maps_of_the_rope_key():
     k = maps @ s[:, None]  # every head's rows are a 2x2 map of the shared rope rows
     form = key_energy_form(torch.from_numpy(s), torch.from_numpy(k)).numpy()
     np.testing.assert_allclose(form, np.einsum("rhia,rhib->rab", maps, maps), rtol=1e-9)
+
+
+def test_report_picture_keeps_errors_and_utilisation_apart_and_names_the_export(tmp_path):
+    from mlaconvert.rank import report_figure
+
+    _, report = convert_source("builtin:tiny-wan", tmp_path / "out", ConvertSettings(dc=32, rope_dim=16))
+    assert report["export"] == str(tmp_path / "out")
+    fig = report_figure(report)
+    fig.canvas.draw()
+    title = fig.get_suptitle()
+    assert str(tmp_path / "out") in title and "builtin:tiny-wan" in title
+    panels = {ax.get_title().split(") ")[-1]: ax for ax in fig.axes if ax.get_title()}
+    utilisation, errors = panels["rank utilisation of the latent budget"], panels["measured conversion error"]
+    assert {line.get_label() for line in utilisation.get_lines()} == {"kv_down", "k_up_kv_down", "v_up_kv_down", "latents"}
+    assert {"attention output", "key after the norm", "spectral prediction at dc"} <= {line.get_label() for line in errors.get_lines()}
+    for ax in (utilisation, errors):  # each legend sits outside the plotting area, covering no curve
+        assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())

@@ -273,3 +273,14 @@ def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
         expected = np.mean([float(distill_loss(student, teacher, clips.latents[i:i + 1], clips.text[i:i + 1], noise[i - 2:i - 1],
                                                t[i - 2:i - 1], chunk=3)[0]) for i in (2, 3)])
     assert first == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_picture_names_every_curve() -> None:
+    from mlaconvert.finetune import loss_figure
+
+    rows = [{"step": 0, "eval_loss": 0.5}] + [{"step": s, "loss": 1 / s, "flow_loss": 1 / s, "lr": 1e-3, "eval_loss": 0.4} for s in (1, 2)]
+    fig = loss_figure(rows)
+    fig.canvas.draw()
+    curves = [line for ax in fig.axes for line in ax.get_lines()]
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {line.get_label() for line in curves}
+    assert any("learning rate" in line.get_label() for line in curves) and any("held-out" in line.get_label() for line in curves)
