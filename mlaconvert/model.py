@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -318,6 +320,46 @@ class WanModel(nn.Module):
         # Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see and needs no
         # L x L mask in memory; "sdpa" takes a boolean mask; "auto" uses flex on CUDA.
         self.attention_backend = "auto"
+
+    # The Hugging Face pair below is written out rather than inherited from huggingface_hub's ModelHubMixin: the
+    # mixin downloads a repo snapshot and rebuilds the model from its own config dict, while `hub.load_source`
+    # already resolves every SOURCE form (files inside repos, training .pt, diffusers layout, allow-patterns,
+    # revisions, offline) and reads the native and export layouts that save_pretrained must write.
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        config: WanConfig | str | None = None,
+        head_dim: int = 128,
+    ) -> WanModel:
+        """A dense or MLA model from any SOURCE `hub.load_source` accepts: a Hub repo (optionally @revision, or a
+        file inside it), a local folder (native, diffusers, an mlaconvert export), a checkpoint file, builtin:NAME.
+        `config`/`head_dim` size a bare training .pt, which carries no config."""
+        from mlaconvert.hub import load_source
+
+        checkpoint = load_source(source, config=config, head_dim=head_dim, revision=revision)
+        return load_model(checkpoint.config, checkpoint.state_dict, device=device, dtype=dtype)
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write `config.json` + safetensors so that `from_pretrained(folder)` (and every command) loads it back:
+        a dense model in native Wan layout, an MLA model in the export layout (without the rank report and model
+        card that `convert`/`finetune` add). Atomic; an existing folder is replaced only with `force`."""
+        from mlaconvert.export import save_weights
+        from mlaconvert.formats import save_native
+        from mlaconvert.outputs import atomic_dir, write_json
+
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        with atomic_dir(Path(folder), force) as tmp:
+            if self.config.is_mla:
+                save_weights(state, tmp)
+                write_json(tmp / "config.json", self.config.to_dict())
+            else:
+                save_native(self.config, state, tmp)
+        return Path(folder)
 
     def compile_blocks(self) -> None:
         """torch.compile every block (dynamic shapes: the cached window grows, batches vary). Fuses the many
