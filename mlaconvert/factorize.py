@@ -4,7 +4,9 @@ Notation for one layer: x is the (modulated) block input, W_K/W_V/b_K/b_V the de
 g_k Wan's elementwise key-norm weight. A head of width d has d/2 complex pairs; the pairs P that keep their
 rotation move to the shared rope key, the rest N stay in the per-head content key.
 
-* Content and value share one latent: a truncated SVD of M = [s W_K[N rows] ; W_V] at rank dc. The scale s only
+* Content and value share one latent: a truncated SVD of the *content joint matrix* M = [s W_K[N rows] ; W_V]
+  at rank dc — the content pairs' key rows only, unlike the rank report's full joint matrix [s W_K; W_V] of
+  `analyze`, whose balance s is taken over every key row. The scale s here only
   balances the two blocks (equal Frobenius norms) so neither dominates the SVD; it is divided out of k_up again,
   so the model's key is W_K's own best approximation. With calibration (asvd) the SVD is of M C^½, where
   C = E[x xᵀ], and the result is un-whitened: it then minimises the error on real inputs, E|(M - M̂) x|².
@@ -38,7 +40,7 @@ class LayerFactors:
 
     weights: dict[str, torch.Tensor]
     rope_pairs: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-    kv_singular_values: torch.Tensor  # of the (weighted) balanced M, all of them
+    kv_singular_values: torch.Tensor  # of the (weighted) balanced content joint matrix M, all of them
     key_scale: float
     rope_energy_kept: float  # fraction of the chosen pairs' key energy the rank-1 step keeps
     alpha: torch.Tensor  # (H, rope_dim/2) complex per-head factors, kept for measuring key error

@@ -1,9 +1,16 @@
 """Rank analysis of self-attention keys and values: spectra, effective rank and the rank report (DESIGN §4).
 
 Before converting, a user wants to know how much of each layer's key/value map a latent of width dc can hold.
-For every layer this computes the singular values of W_K, W_V and the joint matrix [s*W_K; W_V] that `convert`
-truncates, the energy-based effective rank of each, and, for a chosen dc, the energy kept and the relative
-Frobenius error of the best rank-dc approximation (Eckart–Young), which is the error the svd init will have.
+For every layer this computes the singular values of W_K, W_V and the *full joint matrix* [s*W_K; W_V] (every
+key row, s balancing the W_K and W_V blocks), the energy-based effective rank of each, and, for a chosen dc, the
+energy kept and the relative Frobenius error of its best rank-dc approximation (Eckart–Young).
+
+That is a model-level view, not the matrix `convert` truncates: convert factorises the *content joint matrix*
+[s_N*W_K[N rows]; W_V] (factorize.py) — only the key rows of the pairs that stay in the content path (the rope
+pairs go to the shared rope key), with its own balance s_N over those rows, and for asvd weighted by the inputs'
+second moment. Its spectrum gives an export's `mla.spectral_prediction`, the error the svd init actually has;
+the full joint matrix's figures (JSON key `kv`, kept for the schema) are an upper bound on what a latent of
+width dc must hold.
 The result is one dict that is written as `rank_report.json`, drawn as `rank_report.png` and printed as a table.
 """
 
@@ -31,7 +38,8 @@ SCHEMA = "mlaconvert.rank_report/1"
 REPORT_JSON = "rank_report.json"
 REPORT_PNG = "rank_report.png"
 
-MATRICES = {"k": "W_K", "v": "W_V", "kv": "[sW_K; W_V]"}
+# "kv" is the full joint matrix (all key rows); convert's content joint matrix lives in factorize.py.
+MATRICES = {"k": "W_K", "v": "W_V", "kv": "full joint [sW_K; W_V]"}
 _PLOT_LABELS = {"k": "$W_K$", "v": "$W_V$", "kv": r"$[sW_K;\,W_V]$"}
 
 
@@ -41,7 +49,7 @@ class LayerSpectra:
 
     k: torch.Tensor
     v: torch.Tensor
-    kv: torch.Tensor  # of [key_scale * W_K; W_V]
+    kv: torch.Tensor  # of the full joint matrix [key_scale * W_K; W_V], every key row
     key_scale: float
 
 
