@@ -291,3 +291,21 @@ def test_report_picture_keeps_errors_and_utilisation_apart_and_names_the_export(
     assert {"attention output", "key after the norm", "spectral prediction at dc"} <= {line.get_label() for line in errors.get_lines()}
     for ax in (utilisation, errors):  # each legend sits outside the plotting area, covering no curve
         assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_analyze_full_joint_matrix_and_convert_content_joint_matrix_are_different_matrices():
+    from mlaconvert.rank import layer_spectra
+
+    heads, hd = 3, 24
+    dense = dense_attention(heads, hd)
+    factors = factorize_layer(dict(dense.state_dict()), num_heads=heads, dc=16, rope_dim=12)
+    wk, wv = dense.k.weight.detach().numpy(), dense.v.weight.detach().numpy()
+    # analyze: every key row, balanced over all of them.
+    full = np.concatenate([np.linalg.norm(wv) / np.linalg.norm(wk) * wk, wv])
+    np.testing.assert_allclose(layer_spectra(dense.k.weight.detach(), dense.v.weight.detach()).kv.numpy(), np.linalg.svd(full, compute_uv=False), rtol=1e-6)
+    # convert: the content pairs' key rows only, balanced over those.
+    rope = {p for axis in factors.rope_pairs for p in axis}
+    rows = [h * hd + d for h in range(heads) for p in range(hd // 2) if p not in rope for d in (2 * p, 2 * p + 1)]
+    content = np.concatenate([np.linalg.norm(wv) / np.linalg.norm(wk[rows]) * wk[rows], wv])
+    np.testing.assert_allclose(factors.kv_singular_values.numpy(), np.linalg.svd(content, compute_uv=False), rtol=1e-5)
+    assert not np.allclose(np.linalg.svd(full, compute_uv=False), np.linalg.svd(content, compute_uv=False), rtol=1e-2)
