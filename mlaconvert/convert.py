@@ -212,7 +212,9 @@ def measure_layer(
     mla_config: WanConfig,
     layer: int,
 ) -> dict[str, Any]:
-    """Relative errors of the pre-norm keys, values and attention output on calibration tokens (float32)."""
+    """Relative errors on calibration tokens (float32) of the pre-norm keys (k), the keys as attention sees them
+    after the per-token norm and its weight (k_normed: what the key-scale form `k_rope_norm` decides), the
+    values and the attention output."""
     dense = DenseSelfAttention(config).float()
     dense.load_state_dict({k: v.float() for k, v in dense_weights.items()})
     latent = LatentSelfAttention(mla_config, layer).float()
@@ -221,8 +223,8 @@ def measure_layer(
     rope = [p for axis in factors.rope_pairs for p in axis]
     content = [p for p in range(hd // 2) if p not in set(rope)]
     g_k = dense.norm_k.weight.view(h, hd // 2, 2)
-    num = {"k": 0.0, "v": 0.0, "attn": 0.0}
-    den = {"k": 0.0, "v": 0.0, "attn": 0.0}
+    num = dict.fromkeys(("k", "k_normed", "v", "attn"), 0.0)
+    den = dict.fromkeys(num, 0.0)
     latents = []
     for x, positions in samples:
         k_true = dense.k(x).view(*x.shape[:-1], h, hd // 2, 2)
@@ -233,9 +235,12 @@ def measure_layer(
         r_c = torch.complex(*r.view(*x.shape[:-1], 1, len(rope), 2).unbind(-1))
         prod = factors.alpha.to(r_c.dtype) * r_c  # (..., H, R): the post-norm-weight key each head gets
         k_hat[..., rope, :] = torch.stack([prod.real, prod.imag], dim=-1) / g_k[:, rope]
+        scale = latent.key_scale(latent.k_up(c), r).unsqueeze(-1).unsqueeze(-1)
+        kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale * g_k
         v_true, v_hat = dense.v(x), latent.v_up(c)
         a_true, a_hat = dense(x, positions), latent(x, positions)
-        for key, (t, e) in {"k": (k_true, k_hat), "v": (v_true, v_hat), "attn": (a_true, a_hat)}.items():
+        pairs = {"k": (k_true, k_hat), "k_normed": (kn_true, kn_hat), "v": (v_true, v_hat), "attn": (a_true, a_hat)}
+        for key, (t, e) in pairs.items():
             num[key] += float((t - e).pow(2).sum())
             den[key] += float(t.pow(2).sum())
     out: dict[str, Any] = {f"{k}_error": math.sqrt(num[k] / den[k]) if den[k] else 0.0 for k in num}
@@ -347,5 +352,6 @@ def convert_source(
         report = conversion_report(checkpoint, conversion, settings)
     report["conversion"]["seconds"]["total"] = round(time.perf_counter() - start, 3)
     report["conversion"]["device"] = str(dev)
+    report["export"] = str(output)
     write_export(output, conversion.config, conversion.state_dict, report, force=force)
     return conversion, report

@@ -4,7 +4,9 @@ Notation for one layer: x is the (modulated) block input, W_K/W_V/b_K/b_V the de
 g_k Wan's elementwise key-norm weight. A head of width d has d/2 complex pairs; the pairs P that keep their
 rotation move to the shared rope key, the rest N stay in the per-head content key.
 
-* Content and value share one latent: a truncated SVD of M = [s W_K[N rows] ; W_V] at rank dc. The scale s only
+* Content and value share one latent: a truncated SVD of the *content joint matrix* M = [s W_K[N rows] ; W_V]
+  at rank dc — the content pairs' key rows only, unlike the rank report's full joint matrix [s W_K; W_V] of
+  `analyze`, whose balance s is taken over every key row. The scale s here only
   balances the two blocks (equal Frobenius norms) so neither dominates the SVD; it is divided out of k_up again,
   so the model's key is W_K's own best approximation. With calibration (asvd) the SVD is of M C^½, where
   C = E[x xᵀ], and the result is un-whitened: it then minimises the error on real inputs, E|(M - M̂) x|².
@@ -15,7 +17,9 @@ rotation move to the shared rope key, the rest N stay in the per-head content ke
   to a complex scale.
 * Wan's key-norm weight g_k moves to the query for content dims (into norm_q); for rope dims it sits between
   the norm and the rotation, so it goes into the rank-1 step and r; the key norm then needs the energy of the
-  pre-norm rope dims, a 2x2 quadratic form per pair (`k_rope_norm`).
+  pre-norm rope dims, a 2x2 quadratic form per pair (`k_rope_norm`): the least-squares fit over tokens of
+  every head's energy in that pair (`key_energy_form`), which also counts, on average, the energy of the
+  directions the shared rank-1 key drops when heads disagree.
 * The query's rows are permuted per head to [content dims ; rope dims] so attention is a plain split.
 """
 
@@ -36,7 +40,7 @@ class LayerFactors:
 
     weights: dict[str, torch.Tensor]
     rope_pairs: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-    kv_singular_values: torch.Tensor  # of the (weighted) balanced M, all of them
+    kv_singular_values: torch.Tensor  # of the (weighted) balanced content joint matrix M, all of them
     key_scale: float
     rope_energy_kept: float  # fraction of the chosen pairs' key energy the rank-1 step keeps
     alpha: torch.Tensor  # (H, rope_dim/2) complex per-head factors, kept for measuring key error
@@ -71,6 +75,37 @@ def _pair_rows(head_dim: int, heads: int, pairs: list[int]) -> torch.Tensor:
     """Row indices (per head, head-major) of the given pairs' two dims each."""
     dims = torch.tensor([[2 * p, 2 * p + 1] for p in pairs], dtype=torch.long).flatten()
     return (torch.arange(heads)[:, None] * head_dim + dims).flatten()
+
+
+def key_energy_form(rope_rows: torch.Tensor, head_rows: torch.Tensor, whitener: torch.Tensor | None = None) -> torch.Tensor:
+    """The 2x2 forms Q_p (R, 2, 2) with r_pᵀ Q_p r_p ≈ Σ_h |k_h,p|², least squares over tokens.
+
+    rope_rows (R, 2, n): the rope key r_p = S_p x̃ of each kept pair. head_rows (R, H, 2, n): every head's
+    pre-norm key rows K_h,p of that pair, whose energy x̃ᵀ T_p x̃ (T_p = Σ_h K_h,pᵀ K_h,p) the form stands for.
+    With x̃ = L z (whitener L, C = L Lᵀ the inputs' second moment; identity = weight space) and z modelled as a
+    standard Gaussian, the mean square error of D = S_pᵀ Q S_p - T_p over tokens is E[(zᵀ Lᵀ D L z)²] =
+    2 |Lᵀ D L|_F² + (tr Lᵀ D L)²: a projection of T_p onto the span of S_p plus a term matching the mean energy,
+    so the energy of the heads' directions the shared rank-1 key drops still counts on average. Its three
+    unknowns solve the normal equations (2A + m mᵀ) q = 2b + m·tr N, all of 2x2 quantities of P = S_p L:
+    G = P Pᵀ, A_ij = tr(E_i G E_j G), b_i = tr(E_i P N Pᵀ), m_i = tr(E_i G). Exact (zero residual) when every
+    head's rows are a 2x2 map of S_p — heads that agree up to a complex scale. Clamped to the PSD cone.
+    """
+    p = rope_rows if whitener is None else rope_rows @ whitener
+    k = head_rows if whitener is None else head_rows @ whitener
+    basis = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 1]], [[0, 1], [1, 0]]], dtype=p.dtype, device=p.device)
+    gram = p @ p.transpose(-1, -2)  # (R, 2, 2)
+    kp = k @ p.unsqueeze(1).transpose(-1, -2)  # (R, H, 2, 2): K_h L Pᵀ
+    projected = (kp.transpose(-1, -2) @ kp).sum(1)  # P N Pᵀ
+    total = k.pow(2).sum((1, 2, 3))  # tr N
+    eg = torch.einsum("iab,rbc->riac", basis, gram)  # E_i G
+    a = torch.einsum("riab,rjba->rij", eg, eg)
+    b = torch.einsum("iab,rba->ri", basis, projected)
+    m = eg.diagonal(dim1=-2, dim2=-1).sum(-1)
+    lhs = 2 * a + m[:, :, None] * m[:, None, :]
+    q = (torch.linalg.pinv(lhs) @ (2 * b + m * total[:, None]).unsqueeze(-1)).squeeze(-1)
+    form = torch.einsum("ri,iab->rab", q, basis)
+    values, vectors = torch.linalg.eigh(form)
+    return (vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.transpose(-1, -2)
 
 
 def factorize_layer(
@@ -174,12 +209,16 @@ def factorize_layer(
     conj = alpha.conj().T  # (H, R): c + i d
     c, d = conj.real, conj.imag
     mix = torch.stack([torch.stack([c, -d], dim=-1), torch.stack([d, c], dim=-1)], dim=-2)  # out_i = Σ_j mix[i, j] q_j
-    # Energy of the pre-norm rope dims of all heads as a quadratic form in r: head h holds G_h^-1 (α_h r).
-    a, b = alpha.real, alpha.imag  # (R, H)
-    rot = torch.stack([torch.stack([a, -b], dim=-1), torch.stack([b, a], dim=-1)], dim=-2)  # (R, H, 2, 2)
-    g_rope = g_k[_pair_rows(hd, num_heads, rope)].view(num_heads, len(rope), 2).transpose(0, 1)  # (R, H, 2)
-    inv_g2 = g_rope.abs().clamp_min(1e-6) ** -2
-    rope_norm = torch.einsum("rhki,rhk,rhkj->rij", rot, inv_g2, rot)
+    # Energy of the pre-norm rope dims of all heads (before g_k) as a quadratic form in r. A random rope row
+    # stands for no head, so its form is the energy of what it reconstructs (each head holds G_h^-1 r): fitting
+    # the dense heads' energy to a random direction raised the attention error on the built-in model.
+    if init == "random":
+        g_rope = g_k[_pair_rows(hd, num_heads, rope)].view(num_heads, len(rope), 2)
+        rope_norm = torch.diag_embed((g_rope.abs().clamp_min(1e-6) ** -2).sum(0))
+    else:
+        rope_rows = torch.stack([row.real, row.imag], dim=1)  # (R, 2, dim+1)
+        head_rows = torch.cat([wk, bk[:, None]], dim=1).view(num_heads, hd // 2, 2, dim + 1)[:, rope].transpose(0, 1)
+        rope_norm = key_energy_form(rope_rows, head_rows, whiten[0] if whiten else None)
 
     dtype = attn["k.weight"].dtype
     weights = {

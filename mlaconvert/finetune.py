@@ -11,8 +11,8 @@ with the streaming sampler — from encoded prompts or seeded random text embedd
 a key of everything that determines them, and reused by later runs.
 
 The output folder is the run and the export at once:
-    OUT/train_log.jsonl   one row per optimizer step
-    OUT/loss.png          loss and learning rate
+    OUT/train_log.jsonl   one row per optimizer step; `eval_loss` at step 0, every `eval_every` steps and the end
+    OUT/loss.png          training loss, held-out loss and learning rate
     OUT/checkpoint/       the latest checkpoint (trainable weights, optimizer, scheduler, RNG, data position)
     OUT/data/<key>/       generated clips (unless a cache folder is given)
     OUT/agreement.json    teacher agreement before and after training
@@ -59,13 +59,11 @@ from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_js
 from mlaconvert.sampling import SamplerSettings, check_video_size, rollout, warp_timesteps
 
 TRAIN_MODES = ("mla", "attn", "all")
-# The tensors convert creates in every blocks.N.self_attn.; q, o and norm_q are the dense model's own.
-MLA_TENSORS = ("kv_down", "k_up", "v_up", "k_rope", "k_rope_norm", "q_rope_mix")
 TIMESTEP_MODES = ("list", "uniform")
 LATENTS_KEY, TEXT_KEY = "latents", "prompt_embeds"
 LOG_NAME, LOSS_PLOT, AGREEMENT_NAME, CHECKPOINT_DIR = "train_log.jsonl", "loss.png", "agreement.json", "checkpoint"
 # Settings that change how a run is carried out but not what it computes; a resume may change them.
-RUN_ONLY_SETTINGS = ("checkpoint_every",)
+RUN_ONLY_SETTINGS = ("checkpoint_every", "eval_every")
 
 
 @dataclass
@@ -84,6 +82,7 @@ class FinetuneSettings:
     timestep_mode: str = "list"  # list: the sampler's warped timesteps; uniform: uniform between the list's ends
     gradient_checkpointing: bool = True
     checkpoint_every: int = 50
+    eval_every: int = 25  # steps between evaluations of the fixed held-out objective (also at the start and end)
     seed: int = 0
     # Teacher-generated data: this many clips, the last `held_out` of them kept for agreement and utilisation.
     clips: int = 16
@@ -144,7 +143,7 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
     if s.timestep_mode not in TIMESTEP_MODES:
         raise MlaconvertError(f"timestep_mode must be one of {', '.join(TIMESTEP_MODES)} (got '{s.timestep_mode}')")
     positive = {"--max-steps": s.max_steps, "--batch": s.batch, "--accumulate": s.accumulate, "--checkpoint-every": s.checkpoint_every,
-                "--clips": s.clips, "--frames": s.frames, "--height": s.height, "--width": s.width,
+                "eval_every": s.eval_every, "--clips": s.clips, "--frames": s.frames, "--height": s.height, "--width": s.width,
                 "generate_batch": s.generate_batch}
     for name, value in positive.items():
         if value < 1:
@@ -170,13 +169,26 @@ def derived_seed(seed: int, purpose: str, index: int) -> int:
 # Models
 
 
-def trainable_names(names: list[str], mode: str) -> list[str]:
-    """The parameter names `--train mode` updates, out of a model's parameter names."""
+def mla_parameter_names(config: WanConfig) -> set[str]:
+    """The parameters conversion creates: those the MLA model has and the dense model of its config lacks.
+
+    Derived from the two models (built on the meta device, so nothing is allocated) rather than listed by hand,
+    so a new MLA tensor — the low-rank query of --q-rank, say — is trained by `--train mla` without anyone
+    remembering to add it.
+    """
+    with torch.device("meta"):
+        mla, dense = WanModel(config), WanModel(config.replace(mla=None))
+    return {n for n, _ in mla.named_parameters()} - {n for n, _ in dense.named_parameters()}
+
+
+def trainable_names(config: WanConfig, names: list[str], mode: str) -> list[str]:
+    """The parameter names `--train mode` updates, out of the names of a model of `config`."""
     if mode == "all":
         return list(names)
     if mode == "attn":
         return [n for n in names if ".self_attn." in n]
-    return [n for n in names if ".self_attn." in n and n.split(".self_attn.")[1].split(".")[0] in MLA_TENSORS]
+    new = mla_parameter_names(config)
+    return [n for n in names if n in new]
 
 
 def _dense_mismatch(student: WanConfig, teacher: WanConfig) -> list[str]:
@@ -209,9 +221,9 @@ def load_pair(model: str, teacher: str | None = None) -> tuple[Checkpoint, Check
     return student, dense
 
 
-def _set_trainable(model: nn.Module, mode: str) -> list[str]:
+def _set_trainable(model: WanModel, mode: str) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
-    chosen = set(trainable_names(names, mode))
+    chosen = set(trainable_names(model.config, names, mode))
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
     return [n for n in names if n in chosen]
@@ -267,6 +279,16 @@ def _files_sha256(files: list[Path]) -> str:
     from mlaconvert.convert import weights_sha256
 
     return weights_sha256(files) or ""
+
+
+def world_clips(config: WanConfig, count: int, frames: int, seed: int) -> Clips:
+    """Clips of the world the model was trained on, captioned: for it, the truth is cheaper and better than rollouts."""
+    from mlaconvert import world
+
+    assert config.world is not None
+    video, captions, _ = world.clips(count, frames, seed, config.world)
+    text = world.embed_captions(captions, config.text_len, config.text_dim)
+    return Clips(video, text, {"kind": "world", "seed": seed, "world": dataclasses.asdict(config.world)})
 
 
 def _save_clips(path: Path, clips: Clips) -> None:
@@ -569,6 +591,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        for block in self.student.blocks:
+            block.self_attn.project_key_form()
         self.scheduler.step()
         stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=procs.device)  # nccl reduces on the GPU
         if procs.world > 1:
@@ -584,6 +608,25 @@ class Trainer:
         if procs.device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(procs.device) / 2**30
         return row
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """The objective on the held-out clips with noise and timesteps drawn once for the run: unlike the
+        training loss, a fresh draw each step, its rows differ only by the weights, so they can be compared."""
+        s = self.settings
+        clean, text = self.clips.latents[-s.held_out :], self.clips.text[-s.held_out :]
+        generator = torch.Generator().manual_seed(derived_seed(s.seed, "eval", 0))
+        timesteps = chunk_timesteps(s, clean.shape[0], clean.shape[2], generator)
+        noise = torch.randn(clean.shape, generator=generator)
+        micro = max(1, s.batch // (self.procs.world * s.accumulate))  # no more memory than a training micro-batch
+        total = 0.0
+        for start in range(0, clean.shape[0], micro):
+            part = [x[start : start + micro].to(self.procs.device) for x in (clean, text, noise, timesteps)]
+            with self.autocast:
+                loss, _ = distill_loss(self.student, self.teacher, *part, chunk=s.chunk, layer_loss_weight=s.layer_loss_weight,
+                                       student_attn=self.student_attn, teacher_attn=self.teacher_attn)
+            total += float(loss) * part[0].shape[0]
+        return total / clean.shape[0]
 
     def save(self, folder: Path, fingerprint: dict[str, Any], before: dict[str, Any]) -> None:
         """The latest checkpoint, replacing the previous one atomically."""
@@ -643,26 +686,41 @@ def _trim_log(path: Path, step: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _training_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of optimizer steps (the step-0 row holds only the held-out loss before training)."""
+    return [r for r in rows if "loss" in r]
+
+
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss (log scale) and learning rate against the step."""
+    """The log's picture as a PNG (see `loss_figure`)."""
+    with atomic_file(path) as tmp:
+        loss_figure(rows).savefig(tmp, format="png", dpi=100)
+
+
+def loss_figure(rows: list[dict[str, Any]]) -> Any:
+    """Training loss and the held-out loss (log scale) and the learning rate against the step."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], label="loss")
-    if rows and "layer_loss" in rows[0]:
-        ax.plot(steps, [r["flow_loss"] for r in rows], label="flow loss", alpha=0.7)
+    train, held = _training_rows(rows), [r for r in rows if "eval_loss" in r]
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["loss"] for r in train], label="training loss (fresh batch each step)")
+    if train and "layer_loss" in train[0]:
+        ax.plot(steps, [r["flow_loss"] for r in train], label="flow loss", alpha=0.7)
+    ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o-", color="tab:red", markersize=4,
+            label="held-out loss (fixed clips, noise, timesteps)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("distillation loss")
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in rows], color="grey", linestyle=":", label="lr")
+    lr_ax.plot(steps, [r["lr"] for r in train], color="grey", linestyle=":", label="learning rate")
     lr_ax.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
+    # One legend for both axes, below the plot, where it hides no curve.
+    handles = [h for a in (ax, lr_ax) for h in a.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize="small")
     fig.suptitle("finetune: student vs teacher")
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    return fig
 
 
 @torch.no_grad()
@@ -761,9 +819,12 @@ def finetune(
 def _training_clips(settings: FinetuneSettings, config: WanConfig, teacher: WanModel, teacher_sha: str, procs: Processes,
                     progress: Any, *, output: Path, data: str | Path | None, prompts: list[str] | None, encoder: str | None,
                     cache_dir: str | Path | None) -> Clips:
-    """The user's clips, or the teacher's: generated by rank 0 unless cached, then read by every process."""
+    """The user's clips; for a model of the built-in world, fresh clips of that world (its truth, with captions);
+    else the teacher's: generated by rank 0 unless cached, then read by every process."""
     if data is not None:
         clips = load_clips(data, config, settings.chunk)
+    elif config.world is not None:
+        clips = world_clips(config, settings.clips, settings.frames, derived_seed(settings.seed, "world", 0))
     else:
         key = generation_key(settings, teacher_sha, prompts)
         path = Path(cache_dir or output / "data") / key / "clips.safetensors"
@@ -781,10 +842,11 @@ def _training_clips(settings: FinetuneSettings, config: WanConfig, teacher: WanM
     return clips
 
 
-def _finetune_report(trainer: Trainer, rows: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any],
+def _finetune_report(trainer: Trainer, all_rows: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any],
                      teacher: Checkpoint, teacher_sha: str) -> dict[str, Any]:
     """The "finetune" section of the export's rank report."""
     settings, clips = trainer.settings, trainer.clips
+    rows = _training_rows(all_rows)
     tail = rows[-10:]  # the mean over the last steps leaves out the first steps' warm-up
     clip_size = tuple(clips.latents.shape[2:])
     return {
@@ -797,6 +859,7 @@ def _finetune_report(trainer: Trainer, rows: list[dict[str, Any]], before: dict[
         "processes": trainer.procs.world,
         "device": str(trainer.procs.device),
         "final_loss": rows[-1]["loss"] if rows else None,
+        "eval_loss": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in all_rows if "eval_loss" in r],
         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in tail])) if tail else None,
         "model_flops_per_step": settings.batch * count_step_flops(trainer.student.config, settings, clip_size[0], clip_size[1:]),
         "before": before,
@@ -856,11 +919,17 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
 
         task = progress.add_task("finetune", total=settings.max_steps, completed=trainer.step_count, info="")
         with open(log_path, "a") if procs.main else contextlib.nullcontext() as log:
+            if procs.main and not rows:
+                rows.append({"step": 0, "eval_loss": trainer.held_out_loss()})
+                log.write(json.dumps(rows[0]) + "\n")
             while trainer.step_count < settings.max_steps:
                 if stop_after is not None and trainer.step_count >= stop_after:
-                    return FinetuneResult(output, trainer.step_count, False, rows[-1]["loss"] if rows else None, log=rows)
+                    done = _training_rows(rows)
+                    return FinetuneResult(output, trainer.step_count, False, done[-1]["loss"] if done else None, log=rows)
                 row = trainer.step()
                 if procs.main:
+                    if row["step"] % settings.eval_every == 0 or row["step"] == settings.max_steps:
+                        row["eval_loss"] = trainer.held_out_loss()
                     rows.append(row)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -880,6 +949,7 @@ def _run(model: str, output: Path, settings: FinetuneSettings, procs: Processes,
     for entry, utilisation in zip(report["layers"], after["utilisation"], strict=True):
         entry["mla"]["utilisation"] = utilisation
     report["summary"]["mean_utilisation"]["latents"] = float(np.mean([u["latents"]["utilisation"] for u in after["utilisation"]]))
+    report["export"] = str(output)
     report["finetune"] = _finetune_report(trainer, rows, before, after, teacher_ckpt, teacher_sha)
     write_json(output / AGREEMENT_NAME, {"before": before["agreement"], "after": after["agreement"]})
     _publish(output, config, state, report)

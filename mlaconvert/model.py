@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -188,18 +190,32 @@ class LatentSelfAttention(Attention):
     def cache_widths(self) -> tuple[int, ...]:
         return self.kv_down.out_features, self.rope_dim
 
+    @torch.no_grad()
+    def project_key_form(self) -> None:
+        """Move `k_rope_norm` to the nearest (Frobenius) positive semi-definite form: symmetrise, clamp the
+        eigenvalues at 0. An energy must not go negative — its square root would be NaN — and an optimizer
+        step knows nothing of that; projecting after each step keeps the stored 2x2 form (the export format)."""
+        form = self.k_rope_norm
+        values, vectors = torch.linalg.eigh(((form + form.transpose(-1, -2)) / 2).double())
+        form.copy_((vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.transpose(-1, -2))
+
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _linear(self.kv_down, x), _linear(self.k_rope, x)
 
-    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, r = entries
-        k_c = _linear(self.k_up, c)
+    def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
         pairs = r.float().unflatten(-1, (-1, 2))
         rope_energy = torch.einsum("...pi,pij,...pj->...", pairs, self.k_rope_norm.float(), pairs).unsqueeze(-1)
         # The norm is reduced in float32 without a float32 copy of the whole window's content keys.
         norm_dtype = torch.promote_types(k_c.dtype, torch.float32)
         energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
-        scale = torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
+        return torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
+
+    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r = entries
+        k_c = _linear(self.k_up, c)
+        pairs = r.float().unflatten(-1, (-1, 2))
+        scale = self.key_scale(k_c, r)
         k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
         k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(positions))
         k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
@@ -304,6 +320,46 @@ class WanModel(nn.Module):
         # Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see and needs no
         # L x L mask in memory; "sdpa" takes a boolean mask; "auto" uses flex on CUDA.
         self.attention_backend = "auto"
+
+    # The Hugging Face pair below is written out rather than inherited from huggingface_hub's ModelHubMixin: the
+    # mixin downloads a repo snapshot and rebuilds the model from its own config dict, while `hub.load_source`
+    # already resolves every SOURCE form (files inside repos, training .pt, diffusers layout, allow-patterns,
+    # revisions, offline) and reads the native and export layouts that save_pretrained must write.
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        config: WanConfig | str | None = None,
+        head_dim: int = 128,
+    ) -> WanModel:
+        """A dense or MLA model from any SOURCE `hub.load_source` accepts: a Hub repo (optionally @revision, or a
+        file inside it), a local folder (native, diffusers, an mlaconvert export), a checkpoint file, builtin:NAME.
+        `config`/`head_dim` size a bare training .pt, which carries no config."""
+        from mlaconvert.hub import load_source
+
+        checkpoint = load_source(source, config=config, head_dim=head_dim, revision=revision)
+        return load_model(checkpoint.config, checkpoint.state_dict, device=device, dtype=dtype)
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write `config.json` + safetensors so that `from_pretrained(folder)` (and every command) loads it back:
+        a dense model in native Wan layout, an MLA model in the export layout (without the rank report and model
+        card that `convert`/`finetune` add). Atomic; an existing folder is replaced only with `force`."""
+        from mlaconvert.export import save_weights
+        from mlaconvert.formats import save_native
+        from mlaconvert.outputs import atomic_dir, write_json
+
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        with atomic_dir(Path(folder), force) as tmp:
+            if self.config.is_mla:
+                save_weights(state, tmp)
+                write_json(tmp / "config.json", self.config.to_dict())
+            else:
+                save_native(self.config, state, tmp)
+        return Path(folder)
 
     def compile_blocks(self) -> None:
         """torch.compile every block (dynamic shapes: the cached window grows, batches vary). Fuses the many

@@ -1,9 +1,16 @@
 """Rank analysis of self-attention keys and values: spectra, effective rank and the rank report (DESIGN §4).
 
 Before converting, a user wants to know how much of each layer's key/value map a latent of width dc can hold.
-For every layer this computes the singular values of W_K, W_V and the joint matrix [s*W_K; W_V] that `convert`
-truncates, the energy-based effective rank of each, and, for a chosen dc, the energy kept and the relative
-Frobenius error of the best rank-dc approximation (Eckart–Young), which is the error the svd init will have.
+For every layer this computes the singular values of W_K, W_V and the *full joint matrix* [s*W_K; W_V] (every
+key row, s balancing the W_K and W_V blocks), the energy-based effective rank of each, and, for a chosen dc, the
+energy kept and the relative Frobenius error of its best rank-dc approximation (Eckart–Young).
+
+That is a model-level view, not the matrix `convert` truncates: convert factorises the *content joint matrix*
+[s_N*W_K[N rows]; W_V] (factorize.py) — only the key rows of the pairs that stay in the content path (the rope
+pairs go to the shared rope key), with its own balance s_N over those rows, and for asvd weighted by the inputs'
+second moment. Its spectrum gives an export's `mla.spectral_prediction`, the error the svd init actually has;
+the full joint matrix's figures (JSON key `kv`, kept for the schema) are an upper bound on what a latent of
+width dc must hold.
 The result is one dict that is written as `rank_report.json`, drawn as `rank_report.png` and printed as a table.
 """
 
@@ -31,7 +38,8 @@ SCHEMA = "mlaconvert.rank_report/1"
 REPORT_JSON = "rank_report.json"
 REPORT_PNG = "rank_report.png"
 
-MATRICES = {"k": "W_K", "v": "W_V", "kv": "[sW_K; W_V]"}
+# "kv" is the full joint matrix (all key rows); convert's content joint matrix lives in factorize.py.
+MATRICES = {"k": "W_K", "v": "W_V", "kv": "full joint [sW_K; W_V]"}
 _PLOT_LABELS = {"k": "$W_K$", "v": "$W_V$", "kv": r"$[sW_K;\,W_V]$"}
 
 
@@ -41,7 +49,7 @@ class LayerSpectra:
 
     k: torch.Tensor
     v: torch.Tensor
-    kv: torch.Tensor  # of [key_scale * W_K; W_V]
+    kv: torch.Tensor  # of the full joint matrix [key_scale * W_K; W_V], every key row
     key_scale: float
 
 
@@ -468,24 +476,36 @@ def _print_dense(report: Mapping[str, Any], console: Console) -> None:
 
 
 def plot_report(report: Mapping[str, Any], path: Path) -> None:
-    """PNG: (a) effective rank per layer for K, V, KV against dc; (b) normalised joint KV spectra by depth."""
+    """The report's picture as a PNG (see `report_figure`)."""
+    with atomic_file(path) as tmp:
+        report_figure(report).savefig(tmp, format="png", dpi=110)
+
+
+def report_figure(report: Mapping[str, Any]) -> Any:
+    """Figure: (a) effective rank per layer for K, V, KV against dc; (b) normalised joint KV spectra by depth;
+    for an MLA model (c) rank utilisation and, when a conversion measured them, (d) the measured errors."""
     # Imported here so the CLI starts fast; a bare Figure renders through Agg without touching pyplot's
     # global backend or needing a display.
     from matplotlib.figure import Figure
 
     layers = report["layers"]
     has_dense, has_mla = "k" in layers[0], "mla" in layers[0]
-    panels = 2 * has_dense + has_mla
-    fig = Figure(figsize=(6.5 * panels, 5), layout="constrained")
+    has_errors = has_mla and "measured" in layers[0]["mla"]
+    panels = 2 * has_dense + has_mla + has_errors
+    fig = Figure(figsize=(6.5 * panels, 5.5), layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(1, panels)))
-    if has_mla:
-        _plot_mla(report, axes[-1], "(c)" if has_dense else "")
     if has_dense:
         _plot_dense(report, fig, axes[0], axes[1])
+    tags = iter(["(c)", "(d)"] if has_dense else ["(a)", "(b)"])
+    if has_mla:
+        _plot_mla(report, axes[2 * has_dense], next(tags) if panels > 1 else "")
+    if has_errors:
+        _plot_errors(report, axes[-1], next(tags))
     title = "Self-attention K/V rank" if has_dense else "MLA rank utilisation"
-    fig.suptitle(f"{title}: {_source_label(report)}")
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    # An export is titled by itself, with the model it was made from.
+    label = f"{report['export']} (from {_source_label(report)})" if report.get("export") else _source_label(report)
+    fig.suptitle(f"{title}: {label}")
+    return fig
 
 
 def _plot_mla(report: Mapping[str, Any], ax: Any, tag: str) -> None:
@@ -493,21 +513,43 @@ def _plot_mla(report: Mapping[str, Any], ax: Any, tag: str) -> None:
 
     layers = report["layers"]
     indices = [layer["index"] for layer in layers]
-    styles = {"kv_down": "o", "k_up_kv_down": "^", "v_up_kv_down": "s", "latents": "D"}
-    for name, marker in styles.items():
+    # Distinct dashes and marker sizes: the weight utilisations often coincide at 1.0 and would hide each other.
+    styles = {"kv_down": ("o", "-", 8), "k_up_kv_down": ("^", "--", 6), "v_up_kv_down": ("s", ":", 4), "latents": ("D", "-", 4)}
+    for name, (marker, line, size) in styles.items():
         values = [(layer["mla"]["utilisation"].get(name) or {}).get("utilisation") for layer in layers]
         if any(v is not None for v in values):
-            ax.plot(indices, [np.nan if v is None else v for v in values], marker=marker, markersize=4, label=name)
-    if "measured" in layers[0]["mla"]:
-        ax.plot(indices, [layer["mla"]["measured"]["attn_error"] for layer in layers], "k--", label="attention error (measured)")
-        ax.plot(indices, [layer["mla"]["spectral_prediction"]["spectral_error_at_dc"] for layer in layers], "k:", label="spectral prediction")
-    ax.set_ylim(0, 1.15)
+            ax.plot(indices, [np.nan if v is None else v for v in values], marker=marker, linestyle=line, markersize=size, label=name)
+    ax.set_ylim(0, 1.05)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("effective rank / dc, or relative error")
+    ax.set_ylabel("effective rank / dc")
     ax.set_title(f"{tag} rank utilisation of the latent budget".strip())
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
+
+
+def _plot_errors(report: Mapping[str, Any], ax: Any, tag: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    layers = report["layers"]
+    indices = [layer["index"] for layer in layers]
+    names = {"attn_error": ("attention output", "k", "o"), "k_error": ("pre-norm key", "tab:blue", "^"),
+             "k_normed_error": ("key after the norm", "tab:purple", "v"), "v_error": ("value", "tab:orange", "s")}
+    top = 0.0
+    for key, (label, color, marker) in names.items():
+        values = [layer["mla"]["measured"].get(key) for layer in layers]
+        if any(v is not None for v in values):  # reports written before k_normed_error lack it
+            ax.plot(indices, [np.nan if v is None else v for v in values], color=color, marker=marker, markersize=4, label=label)
+            top = max(top, np.nanmax([np.nan if v is None else v for v in values]))
+    prediction = [layer["mla"]["spectral_prediction"]["spectral_error_at_dc"] for layer in layers]
+    ax.plot(indices, prediction, "k:", label="spectral prediction at dc")
+    ax.set_ylim(0, 1.1 * max(top, max(prediction), 1e-3))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative error on calibration tokens")
+    ax.set_title(f"{tag} measured conversion error".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize="small")
 
 
 def _plot_dense(report: Mapping[str, Any], fig: Any, rank_ax: Any, spectrum_ax: Any) -> None:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from mlaconvert.config import MLAConfig, WanConfig
 from mlaconvert.convert import ConvertSettings, convert_model, convert_source, parse_dc
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.factorize import factorize_layer
+from mlaconvert.factorize import factorize_layer, key_energy_form
 from mlaconvert.rope import rope_quota
 from mlaconvert.hub import load_source
 from mlaconvert.model import DenseSelfAttention, LatentSelfAttention
@@ -235,3 +235,77 @@ def test_calibration_that_cannot_fit_gives_advice(tiny, monkeypatch):
         convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"))
     conv = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="svd", measure=False))  # no calibration: fine
     assert conv.calibration is None
+
+
+def _energy_objective(q: np.ndarray, p: np.ndarray, n: np.ndarray) -> float:
+    """E over z ~ N(0, I) of (zᵀ (Pᵀ Q P - N) z)², by the Gaussian identity 2|D|_F² + (tr D)²."""
+    d = p.T @ q @ p - n
+    return 2 * (d**2).sum() + np.trace(d) ** 2
+
+
+def test_key_energy_form_is_the_least_squares_fit_over_gaussian_tokens():
+    rng = np.random.default_rng(0)
+    pairs, heads, n = 3, 4, 6
+    s, k = rng.standard_normal((pairs, 2, n)), rng.standard_normal((pairs, heads, 2, n))
+    chol = np.tril(rng.standard_normal((n, n))) + 3 * np.eye(n)
+    form = key_energy_form(*(torch.from_numpy(a) for a in (s, k, chol))).numpy()
+    basis = [np.array([[1.0, 0], [0, 0]]), np.array([[0, 0], [0, 1.0]]), np.array([[0, 1.0], [1, 0]])]
+    for r in range(pairs):
+        p, kl = s[r] @ chol, k[r] @ chol
+        n_mat = sum(kh.T @ kh for kh in kl)
+        # Independent reference: the same objective as a stacked linear least-squares problem in Q's 3 entries.
+        design = np.stack([np.append(np.sqrt(2) * (p.T @ e @ p).ravel(), np.trace(p.T @ e @ p)) for e in basis], axis=1)
+        target = np.append(np.sqrt(2) * n_mat.ravel(), np.trace(n_mat))
+        q = sum(c * e for c, e in zip(np.linalg.lstsq(design, target, rcond=None)[0], basis))
+        assert np.linalg.eigvalsh(q).min() > 0  # the PSD clamp is inactive here, so the two must agree
+        np.testing.assert_allclose(form[r], q, rtol=1e-9, atol=1e-12)
+        # It is the minimum: any nudge raises the objective, and the objective is the Monte Carlo mean square.
+        for e in basis:
+            assert _energy_objective(q + 1e-3 * e, p, n_mat) > _energy_objective(q, p, n_mat)
+        z = rng.standard_normal((200_000, n))
+        d = p.T @ q @ p - n_mat
+        mc = np.mean(np.einsum("ti,ij,tj->t", z, d, z) ** 2)
+        assert mc == pytest.approx(_energy_objective(q, p, n_mat), rel=0.03)
+
+
+def test_key_energy_form_is_exact_when_heads_are_maps_of_the_rope_key():
+    rng = np.random.default_rng(1)
+    s, maps = rng.standard_normal((2, 2, 7)), rng.standard_normal((2, 3, 2, 2))
+    k = maps @ s[:, None]  # every head's rows are a 2x2 map of the shared rope rows
+    form = key_energy_form(torch.from_numpy(s), torch.from_numpy(k)).numpy()
+    np.testing.assert_allclose(form, np.einsum("rhia,rhib->rab", maps, maps), rtol=1e-9)
+
+
+def test_report_picture_keeps_errors_and_utilisation_apart_and_names_the_export(tmp_path):
+    from mlaconvert.rank import report_figure
+
+    _, report = convert_source("builtin:tiny-wan", tmp_path / "out", ConvertSettings(dc=32, rope_dim=16))
+    assert report["export"] == str(tmp_path / "out")
+    fig = report_figure(report)
+    fig.canvas.draw()
+    title = fig.get_suptitle()
+    assert str(tmp_path / "out") in title and "builtin:tiny-wan" in title
+    panels = {ax.get_title().split(") ")[-1]: ax for ax in fig.axes if ax.get_title()}
+    utilisation, errors = panels["rank utilisation of the latent budget"], panels["measured conversion error"]
+    assert {line.get_label() for line in utilisation.get_lines()} == {"kv_down", "k_up_kv_down", "v_up_kv_down", "latents"}
+    assert {"attention output", "key after the norm", "spectral prediction at dc"} <= {line.get_label() for line in errors.get_lines()}
+    for ax in (utilisation, errors):  # each legend sits outside the plotting area, covering no curve
+        assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_analyze_full_joint_matrix_and_convert_content_joint_matrix_are_different_matrices():
+    from mlaconvert.rank import layer_spectra
+
+    heads, hd = 3, 24
+    dense = dense_attention(heads, hd)
+    factors = factorize_layer(dict(dense.state_dict()), num_heads=heads, dc=16, rope_dim=12)
+    wk, wv = dense.k.weight.detach().numpy(), dense.v.weight.detach().numpy()
+    # analyze: every key row, balanced over all of them.
+    full = np.concatenate([np.linalg.norm(wv) / np.linalg.norm(wk) * wk, wv])
+    np.testing.assert_allclose(layer_spectra(dense.k.weight.detach(), dense.v.weight.detach()).kv.numpy(), np.linalg.svd(full, compute_uv=False), rtol=1e-6)
+    # convert: the content pairs' key rows only, balanced over those.
+    rope = {p for axis in factors.rope_pairs for p in axis}
+    rows = [h * hd + d for h in range(heads) for p in range(hd // 2) if p not in rope for d in (2 * p, 2 * p + 1)]
+    content = np.concatenate([np.linalg.norm(wv) / np.linalg.norm(wk[rows]) * wk[rows], wv])
+    np.testing.assert_allclose(factors.kv_singular_values.numpy(), np.linalg.svd(content, compute_uv=False), rtol=1e-5)
+    assert not np.allclose(np.linalg.svd(full, compute_uv=False), np.linalg.svd(content, compute_uv=False), rtol=1e-2)

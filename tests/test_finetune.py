@@ -9,26 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from mlaconvert.builtin import TINY_WAN, make_tiny_wan
-from mlaconvert.convert import ConvertSettings, convert_source
+from mlaconvert.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.finetune import (
-    MLA_TENSORS,
     AttentionOutputs,
+    Clips,
+    Processes,
+    Trainer,
+    derived_seed,
     FinetuneSettings,
     chunk_timesteps,
     distill_loss,
+    _set_trainable,
     finetune,
     load_pair,
+    mla_parameter_names,
     trainable_names,
 )
 from mlaconvert.formats import save_native
@@ -56,12 +63,15 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, max_steps=30, warmup=3, checkpoint_every=10)
+    settings = dataclasses.replace(SMALL, max_steps=30, warmup=3, checkpoint_every=10, eval_every=10)
     result = run(work, "long", settings)
     out = work / "long"
 
-    losses = [row["loss"] for row in result.log]
-    assert len(losses) == 30 and [row["step"] for row in result.log] == list(range(1, 31))
+    losses = [row["loss"] for row in result.log[1:]]
+    assert len(losses) == 30 and [row["step"] for row in result.log] == list(range(0, 31))
+    # The fixed held-out objective: at the start, every eval_every (10) steps and the end, and it falls too.
+    held = {row["step"]: row["eval_loss"] for row in result.log if "eval_loss" in row}
+    assert sorted(held) == [0, 10, 20, 30] and held[30] < held[0]
     # Each step draws its own timesteps, so single losses are noisy: compare the first and last ten.
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
     agreement = json.loads((out / "agreement.json").read_text())
@@ -71,8 +81,9 @@ def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path)
     assert after["rollout_psnr_db_mean"] > before["rollout_psnr_db_mean"]
 
     student, tuned = weights(work / "mla"), weights(out)
-    mla = set(trainable_names(list(student), "mla"))
-    assert mla and all(name.split(".self_attn.")[1].split(".")[0] in MLA_TENSORS for name in mla)
+    config = load_source(str(work / "mla")).config
+    mla = set(trainable_names(config, list(student), "mla"))
+    assert mla == mla_parameter_names(config)
     for name, tensor in student.items():
         if name in mla:
             assert not torch.equal(tuned[name], tensor), name
@@ -90,9 +101,10 @@ def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path)
 
 
 def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, layer_loss_weight=0.5)  # the hooked layer term must resume exactly too
+    # The hooked layer term must resume exactly too; the evaluation at step 4 lies after the kill's checkpoint.
+    settings = dataclasses.replace(SMALL, layer_loss_weight=0.5, eval_every=4)
     whole = run(work, "whole", settings)
-    assert all(row["loss"] > row["flow_loss"] > 0 and row["layer_loss"] > 0 for row in whole.log)
+    assert all(row["loss"] > row["flow_loss"] > 0 and row["layer_loss"] > 0 for row in whole.log[1:])
     # A kill after step 3: the last checkpoint is step 2's, step 3 is lost and must be redone identically.
     stopped = run(work, "killed", settings, stop_after=3)
     assert not stopped.exported and not (work / "killed" / "model.safetensors").exists()
@@ -104,9 +116,14 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
 
     a, b = weights(work / "whole"), weights(work / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [(r["step"], r["loss"], r["lr"]) for r in resumed.log] == [(r["step"], r["loss"], r["lr"]) for r in whole.log]
+    def fields(rows):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("eval_loss")) for r in rows]
+
+    assert fields(resumed.log) == fields(whole.log)
     log = [json.loads(line) for line in (work / "killed" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 7))
+    assert [r["step"] for r in log] == list(range(0, 7))
+    # eval_loss (every 4 steps, and the end): the same clips, noise and timesteps, so only the weights change it.
+    assert [r["step"] for r in log if "eval_loss" in r] == [0, 4, 6]
 
 
 def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) -> None:
@@ -114,7 +131,7 @@ def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) 
     student_ckpt, teacher_ckpt = load_pair(str(work / "mla"))
     student = load_model(student_ckpt.config, {k: v.clone() for k, v in student_ckpt.state_dict.items()})
     teacher = load_model(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
-    trained = set(trainable_names([n for n, _ in student.named_parameters()], "mla"))
+    trained = set(trainable_names(student.config, [n for n, _ in student.named_parameters()], "mla"))
     for name, param in student.named_parameters():
         param.requires_grad_(name in trained)
     g = torch.Generator().manual_seed(0)
@@ -208,3 +225,76 @@ def test_the_sampler_defaults_to_the_models_own_and_options_override_it() -> Non
     assert two.sampler_timesteps == (1000.0, 500.0) and two.shift == 1.0
     with pytest.raises(MlaconvertError, match="--steps and --timesteps"):
         dataclasses.replace(SMALL, sampler_steps=2, sampler_timesteps=(1000, 500)).for_model(TINY_WAN)
+
+
+@pytest.mark.parametrize("q_rank", [None, 96])
+def test_train_mla_trains_every_tensor_conversion_creates(q_rank: int | None) -> None:
+    dense = load_source("builtin:tiny-wan")
+    mla = convert_model(dense, ConvertSettings(dc=32, rope_dim=16, q_rank=q_rank, measure=False))
+    student = load_model(mla.config, mla.state_dict)
+    trained = set(_set_trainable(student, "mla"))
+    # Independent of the code under test: the tensors the export has and the dense source has not, by name.
+    created = set(mla.state_dict) - set(dense.state_dict)
+    assert trained == created
+    assert {p for p in created if ".q_down." in p or ".q_up." in p} == (
+        {f"blocks.{i}.self_attn.{n}" for i in range(2) for n in ("q_down.weight", "q_up.weight", "q_up.bias")} if q_rank else set()
+    )
+    assert all(p.requires_grad == (n in created) for n, p in student.named_parameters())
+
+
+def small_trainer(work: Path, settings: FinetuneSettings = SMALL) -> Trainer:
+    """A Trainer on the converted tiny model with random clips: the loop without generation, agreement or export."""
+    student_ckpt, teacher_ckpt = load_pair(str(work / "mla"))
+    student = load_model(student_ckpt.config, {k: v.clone() for k, v in student_ckpt.state_dict.items()})
+    teacher = load_model(teacher_ckpt.config, teacher_ckpt.state_dict)
+    g = torch.Generator().manual_seed(3)
+    clips = Clips(torch.randn(4, 4, 6, 8, 8, generator=g), torch.randn(4, 32, 64, generator=g), {})
+    return Trainer(student, teacher, clips, settings.for_model(student_ckpt.config), Processes(0, 1, torch.device("cpu"), False))
+
+
+def test_the_key_energy_form_stays_positive_semidefinite_at_a_large_learning_rate(work: Path) -> None:
+    trainer = small_trainer(work, dataclasses.replace(SMALL, lr=5.0, warmup=0, grad_clip=1e3, gradient_checkpointing=False))
+    start = [b.self_attn.k_rope_norm.detach().clone() for b in trainer.student.blocks]
+    for _ in range(4):
+        assert math.isfinite(trainer.step()["loss"])
+    for block, first in zip(trainer.student.blocks, start):
+        f = block.self_attn.k_rope_norm.detach().double().numpy()
+        assert not np.allclose(f, first.numpy())  # the step did move it
+        assert np.linalg.eigvalsh((f + f.transpose(0, 2, 1)) / 2).min() >= -1e-5 * np.abs(f).max()
+        np.testing.assert_allclose(f, f.transpose(0, 2, 1), atol=1e-6)
+    # A converted form is PSD already: projecting it changes nothing, so exports from before still train the same.
+    for block, form in zip(small_trainer(work).student.blocks, start):
+        block.self_attn.project_key_form()
+        torch.testing.assert_close(block.self_attn.k_rope_norm.detach(), form, rtol=1e-6, atol=1e-6)
+
+
+def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
+    trainer = small_trainer(work)
+    student, teacher, clips = trainer.student, trainer.teacher, trainer.clips
+    student_ckpt = load_source(str(work / "mla"))
+    first = trainer.held_out_loss()
+    trainer.step()  # draws its own noise; must not move the held-out draw
+    assert trainer.held_out_loss() != first
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(student_ckpt.state_dict[name])
+    assert trainer.held_out_loss() == first
+    # The reference: the objective on the last held_out clips with the run's fixed seeded draw, by hand.
+    gen = torch.Generator().manual_seed(derived_seed(SMALL.seed, "eval", 0))
+    t = chunk_timesteps(SMALL.for_model(TINY_WAN), 2, 6, gen)
+    noise = torch.randn(2, 4, 6, 8, 8, generator=gen)
+    with torch.no_grad():
+        expected = np.mean([float(distill_loss(student, teacher, clips.latents[i:i + 1], clips.text[i:i + 1], noise[i - 2:i - 1],
+                                               t[i - 2:i - 1], chunk=3)[0]) for i in (2, 3)])
+    assert first == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_picture_names_every_curve() -> None:
+    from mlaconvert.finetune import loss_figure
+
+    rows = [{"step": 0, "eval_loss": 0.5}] + [{"step": s, "loss": 1 / s, "flow_loss": 1 / s, "lr": 1e-3, "eval_loss": 0.4} for s in (1, 2)]
+    fig = loss_figure(rows)
+    fig.canvas.draw()
+    curves = [line for ax in fig.axes for line in ax.get_lines()]
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {line.get_label() for line in curves}
+    assert any("learning rate" in line.get_label() for line in curves) and any("held-out" in line.get_label() for line in curves)
