@@ -114,9 +114,13 @@ def flow_loss(model: nn.Module, batch: Batch, chunk: int) -> torch.Tensor:
 
 
 def init_weights(model: WanModel, seed: int) -> None:
-    """Xavier linears and zero biases as Wan trains them, and a zero output layer so training starts from v = 0."""
+    """Xavier linears and zero biases as Wan trains them, modulation tables of scale 1/sqrt(dim), and a zero output
+    layer so training starts from v = 0 — every draw from `seed`, none from torch's global generator."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("modulation"):
+                param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(param.shape[-1]))
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv3d)):
                 fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
@@ -271,28 +275,29 @@ def pretrain(
                 plot_loss(rows, output / LOSS_PLOT)
             if out_of_time and run.step_count < settings.max_steps:
                 return PretrainResult(output, run.step_count, False, rows)
-    export_model(run.model, settings, rows, output)
+    export_model(run.model, settings, rows, output, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
     return PretrainResult(output, run.step_count, True, rows)
 
 
-def export_model(model: WanModel, settings: PretrainSettings, rows: list[dict[str, Any]], folder: Path) -> None:
-    """The trained model in Wan's native layout, bf16, with its model card."""
+def export_model(model: WanModel, settings: PretrainSettings, rows: list[dict[str, Any]], folder: Path, device: str = "") -> None:
+    """The trained model in Wan's native layout, bf16, with its model card (quality: run `mlaconvert eval` on it)."""
     from mlaconvert.formats import save_native
     from mlaconvert.outputs import atomic_file
 
     state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()}
     save_native(settings.model, state, folder)
     with atomic_file(folder / "README.md") as tmp:
-        tmp.write_text(model_card(settings, rows))
+        tmp.write_text(model_card(settings, rows, device=device))
 
 
-def model_card(settings: PretrainSettings, rows: list[dict[str, Any]], quality: str = "") -> str:
-    """The world model's card: what it models, how it was trained, how to sample it."""
+def model_card(settings: PretrainSettings, rows: list[dict[str, Any]], quality: str = "", device: str = "") -> str:
+    """The world model's card: what it models, how it was trained (from the log), how to sample it, how good it is."""
     cfg, s = settings.model, settings
-    params = sum(p.numel() for p in WanModel(cfg).parameters()) if cfg.dim <= 1024 else 0
+    params = sum(p.numel() for p in WanModel(cfg).parameters())
     evals = [r for r in rows if "eval_loss" in r]
-    seconds = sum(r["seconds"] for r in rows)
+    minutes = sum(r["seconds"] for r in rows) / 60
     training = {k: v for k, v in dataclasses.asdict(s).items() if k != "model"}
+    held_out = f"{evals[-1]['eval_loss']:.4f}" if evals else "not measured"
     return f"""---
 library_name: mlaconvert
 tags: [video-diffusion, wan2.1, world-model, bouncing-balls]
@@ -308,17 +313,17 @@ constant velocity, elastic wall bounces). It works on pixels (3 channels in [-1,
 world's deterministic caption embedder. Its true future is known, so conversions of it are measured against the truth.
 
 ## Training
-{s.max_steps} steps of {s.batch} clips x {s.frames} frames, fresh clips every step (seed {s.seed}); flow matching on the
-ground truth with clean-context teacher forcing through the block-causal mask, context noised to σ <= {s.context_noise}.
-AdamW (lr {s.lr}, warmup {s.warmup}, cosine), bf16 autocast. Training time: {seconds / 60:.1f} min of steps
-{"(" + str(rows[-1].get("device", "")) + ")" if rows and rows[-1].get("device") else ""}; final held-out flow loss
-{evals[-1]["eval_loss"] if evals else float("nan"):.4f}.
-
-Settings: `{json.dumps(training)}`
+{len(rows)} steps of {s.batch} clips x {s.frames} frames, fresh clips every step (seed {s.seed}); flow matching on the
+ground truth with clean-context teacher forcing through the block-causal mask, the context noised to σ <= {s.context_noise}.
+AdamW (lr {s.lr}, warmup {s.warmup}, cosine to zero), bf16 autocast, compiled blocks: {minutes:.1f} min of training
+steps{" on one " + device if device else ""}. Final held-out flow-matching loss {held_out}.
+`mlaconvert pretrain --recipe bouncing-balls -o DIR` repeats it (settings: `{json.dumps(training)}`).
 
 ## Sampling
 Its own sampler settings live in `config.json` (`sampler`): {cfg.sampler.steps} denoising steps, shift {cfg.sampler.shift},
-chunk {cfg.sampler.chunk}, window {cfg.sampler.window}. `mlaconvert sample` uses them without flags.
+chunk {cfg.sampler.chunk}, window {cfg.sampler.window}; `mlaconvert sample` and `eval` use them without flags:
+
+    mlaconvert sample builtin:bouncing-balls --prompt "two balls: red, blue" --frames 24 --device cpu -o sample
 
 {quality}
 """
