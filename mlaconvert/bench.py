@@ -23,6 +23,7 @@ from mlaconvert.builtin import TINY_WAN
 from mlaconvert.config import MLAConfig, WanConfig, preset
 from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.export import parameter_count
 from mlaconvert.model import WanModel
 from mlaconvert.progress import progress_bar
 from mlaconvert.rope import leading_rope_pairs
@@ -92,15 +93,23 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
     }
 
 
+def _bench_device(settings: BenchSettings, device: str | None) -> tuple[WanConfig, torch.device]:
+    """The dense architecture of the preset and the device it runs on (the one device policy)."""
+    dense_cfg = TINY_WAN if settings.preset == "tiny" else preset(settings.preset)
+    return dense_cfg, choose_device(device, parameter_count(dense_cfg))
+
+
+def bench_output(settings: BenchSettings, device: str | None) -> Path:
+    """The default output folder, named for the run: bench-<preset>-<device type>."""
+    return Path(f"bench-{settings.preset}-{_bench_device(settings, device)[1].type}")
+
+
 def run_bench(settings: BenchSettings, *, device: str | None = None, on_result: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
 
     device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
     """
-    dense_cfg = TINY_WAN if settings.preset == "tiny" else preset(settings.preset)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in WanModel(dense_cfg).parameters())
-    dev = choose_device(device, params)
+    dense_cfg, dev = _bench_device(settings, device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     latent_size = check_video_size(settings.height, settings.width, dense_cfg)
     configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}

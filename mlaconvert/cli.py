@@ -55,94 +55,20 @@ def analyze(
     energy: float = typer.Option(0.99, "--energy", help="Energy fraction that defines the effective rank."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset name or config.json for checkpoints without one."),
     head_dim: int = typer.Option(128, "--head-dim", help="Head width assumed when a .pt checkpoint has no config."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu for the spectra (default: cuda when available, else the CPU)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
-    """Singular spectra and effective rank of every layer's self-attention K/V -> rank report (JSON, PNG, table)."""
+    """Singular spectra and effective rank of every layer's self-attention K/V -> rank report (JSON, PNG, table).
+
+    Example: mlaconvert analyze builtin:bouncing-balls --dc 32 -o analysis
+    """
     from mlaconvert.rank import analyze_source, print_report
 
-    report = analyze_source(source, out_dir=output, dc=dc, energy=energy, config=config, head_dim=head_dim, force=force)
+    report = analyze_source(source, out_dir=output, dc=dc, energy=energy, config=config, head_dim=head_dim, device=device, force=force)
     print_report(report, out)
     out.print(f"wrote {output / 'rank_report.json'} and {output / 'rank_report.png'}")
-
-
-@app.command()
-def sample(
-    model: str = typer.Argument(..., help="A dense source or an MLA export (any SOURCE form)."),
-    output: Path = typer.Option(Path("sample"), "-o", "--output", help="Folder for latents.safetensors, run.json and video.mp4."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Text prompt; repeat for a batch."),
-    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="A safetensors file with prompt_embeds (B, L, D)."),
-    random_text: bool = typer.Option(False, "--random-text", help="Seeded random text embeddings (tests, benchmarks)."),
-    text_encoder: str = typer.Option("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--text-encoder", help="Diffusers-layout repo or folder with text_encoder/ and tokenizer/."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Diffusers-layout repo or folder with vae/: decode while rolling out and write video.mp4."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames to generate (4 video frames each)."),
-    seconds: Optional[float] = typer.Option(None, "--seconds", help="Seconds of 16 fps video (default 5)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Video height in pixels (default: the prefix's, else the model's world, else 480)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Video width in pixels (default: the prefix's, else the model's world, else 832)."),
-    prefix: Optional[Path] = typer.Option(None, "--prefix", help="Continue this video: a safetensors file with 'latents' (B, C, F, h, w), e.g. a sample's latents.safetensors; --frames counts the new frames."),
-    batch: int = typer.Option(1, "--batch", help="Streams at once with --random-text."),
-    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per autoregressive chunk (default: the model's own)."),
-    window: Optional[int] = typer.Option(None, "--window", help="Attention span in latent frames, the current chunk included (default: the model's own)."),
-    sink: int = typer.Option(0, "--sink", help="First latent frames kept in the cache forever."),
-    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
-    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
-    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
-    positions: str = typer.Option("auto", "--positions", help="RoPE positions: absolute, reindex (inside the window) or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed for all noise."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
-) -> None:
-    """Stream a video chunk by chunk with the model's KV cache (dense or latent); latents always, mp4 with --vae."""
-    from mlaconvert.sampling import parse_timesteps
-    from mlaconvert.sampling import sample as run_sample
-
-    sampler = dict(
-        steps=steps, timesteps=parse_timesteps(timesteps) if timesteps else None, shift=shift, chunk=chunk, window=window,
-        sink=sink, positions=positions, seed=seed,
-    )
-    report = run_sample(
-        model, output, frames=frames, seconds=seconds, height=height, width=width, prefix=prefix, prompts=prompt,
-        prompt_embeds=prompt_embeds, random_text=random_text, text_encoder=text_encoder, vae=vae, batch=batch,
-        sampler=sampler, device=device, force=force,
-    )
-    peak = report["peak_memory_bytes"]
-    out.print(
-        f"{report['latent_frames']} latent frames ({report['video_seconds']:g} s) x {report['batch']} with {report['attention']} "
-        f"attention: {report['fps_latent_only']:.1f} fps (latent), {report['fps_end_to_end']:.1f} fps end to end, "
-        f"cache {report['cache_bytes'] / 2**20:.1f} MiB" + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
-    )
-    out.print(f"wrote {output}")
-
-
-@app.command()
-def bench(
-    preset_name: str = typer.Option("wan2.1-1.3b", "--preset", help="Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny."),
-    output: Path = typer.Option(Path("docs/benchmarks"), "-o", "--output", help="Folder for bench-<device>.json and .png."),
-    height: int = typer.Option(480, "--height", help="Video height in pixels."),
-    width: int = typer.Option(832, "--width", help="Video width in pixels."),
-    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
-    window: list[int] = typer.Option([21], "--window", help="Window sizes (repeat the option for a grid)."),
-    chunk: list[int] = typer.Option([3], "--chunk", help="Chunk sizes (repeatable)."),
-    batch: list[int] = typer.Option([1], "--batch", help="Batch sizes (repeatable)."),
-    dc: int = typer.Option(192, "--dc", help="Latent width of the MLA variant (values per token and layer, besides the rope key)."),
-    rope_dim: int = typer.Option(32, "--rope-dim", help="Width of the MLA variant's shared 3D-RoPE key."),
-    timed_chunks: int = typer.Option(4, "--timed-chunks", help="Chunks timed after the window is full."),
-    long_seconds: float = typer.Option(60.0, "--long-seconds", help="Length of the peak-memory rollout (0 skips it)."),
-    budget: float = typer.Option(80.0, "--budget-gib", help="Memory budget for the concurrent-streams estimate."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the blocks of both variants."),
-) -> None:
-    """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget."""
-    from mlaconvert.bench import BenchSettings, print_bench, run_bench, write_bench
-
-    settings = BenchSettings(
-        preset=preset_name, height=height, width=width, steps=steps, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
-        dc=dc, rope_dim=rope_dim, timed_chunks=timed_chunks, long_seconds=long_seconds, budget_gib=budget,
-        compile=compile_blocks,
-    )
-    report = run_bench(settings, device=device)
-    print_bench(report, out)
-    json_path, png_path = write_bench(report, output)
-    out.print(f"wrote {json_path} and {png_path}")
+    width = ["--dc", str(dc)] if dc is not None else ["--dc", "auto", *(["--energy", f"{energy:g}"] if energy != 0.99 else [])]
+    _next(shlex.join(["mlaconvert", "convert", source, *width, "-o", f"{output}-mla"]))
 
 
 @app.command()
@@ -162,7 +88,10 @@ def convert(
     head_dim: int = typer.Option(128, "--head-dim", help="Head width assumed when a .pt checkpoint has no config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
-    """Dense self-attention -> MLA with a latent KV cache and a shared decoupled 3D-RoPE key; writes an export."""
+    """Dense self-attention -> MLA with a latent KV cache and a shared decoupled 3D-RoPE key; writes an export.
+
+    Example: mlaconvert convert builtin:bouncing-balls --dc 32 -o bb-mla
+    """
     from mlaconvert.convert import ConvertSettings, convert_source, parse_dc
     from mlaconvert.rank import print_report
     from mlaconvert.recipes import load_recipe, merge
@@ -192,7 +121,8 @@ def convert(
         f"MLA {cache['mla_values_per_token_all_layers']:,} ({cache['reduction'] * 100:.1f}% less); "
         f"took {report['conversion']['seconds']['total']:.1f} s on {report['conversion']['device']}"
     )
-    out.print(f"wrote {output}")
+    out.print(f"wrote the export to {output} (its README.md is the model card)")
+    _next(shlex.join(["mlaconvert", "finetune", str(output), "-o", f"{output}-ft"]))
 
 
 @app.command()
@@ -227,7 +157,11 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
 ) -> None:
-    """Brief data-free distillation of an MLA export from its dense teacher; writes the fine-tuned export."""
+    """Brief data-free distillation of an MLA export from its dense teacher; writes the fine-tuned export.
+
+    Example: mlaconvert finetune bb-mla --max-steps 20 -o bb-ft
+    """
+    from mlaconvert.export import next_steps
     from mlaconvert.finetune import FinetuneSettings, finetune as run_finetune
     from mlaconvert.recipes import load_recipe, merge
     from mlaconvert.sampling import parse_timesteps
@@ -264,45 +198,61 @@ def finetune(
         f"x{info['processes']}; teacher agreement: flow error {before['flow_relative_error_mean']:.4f} -> "
         f"{after['flow_relative_error_mean']:.4f}, rollout PSNR {before['rollout_psnr_db_mean']:.2f} -> {after['rollout_psnr_db_mean']:.2f} dB"
     )
-    out.print(f"wrote {output}")
+    out.print(f"wrote the fine-tuned export to {output} (with train_log.jsonl, loss.png, agreement.json)")
+    _next(next_steps(output))
 
 
 @app.command()
-def pretrain(
-    output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, loss plot, checkpoint, and the trained model (a valid SOURCE)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name) with a \\[pretrain] table, e.g. bouncing-balls."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: the recipe's)."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds of training before stopping with a checkpoint (continue with --resume)."),
+def sample(
+    model: str = typer.Argument(..., help="A dense source or an MLA export (any SOURCE form)."),
+    output: Path = typer.Option(Path("sample"), "-o", "--output", help="Folder for latents.safetensors, run.json and video.mp4."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Text prompt; repeat for a batch."),
+    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="A safetensors file with prompt_embeds (B, L, D)."),
+    random_text: bool = typer.Option(False, "--random-text", help="Seeded random text embeddings (tests, benchmarks)."),
+    text_encoder: str = typer.Option("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--text-encoder", help="Diffusers-layout repo or folder with text_encoder/ and tokenizer/."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Diffusers-layout repo or folder with vae/: decode while rolling out and write video.mp4."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Latent frames to generate (4 video frames each)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Seconds of 16 fps video (default 5)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Video height in pixels (default: the prefix's, else the model's world, else 480)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Video width in pixels (default: the prefix's, else the model's world, else 832)."),
+    prefix: Optional[Path] = typer.Option(None, "--prefix", help="Continue this video: a safetensors file with 'latents' (B, C, F, h, w), e.g. a sample's latents.safetensors; --frames counts the new frames."),
+    batch: int = typer.Option(1, "--batch", help="Streams at once with --random-text."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Latent frames per autoregressive chunk (default: the model's own)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Attention span in latent frames, the current chunk included (default: the model's own)."),
+    sink: int = typer.Option(0, "--sink", help="First latent frames kept in the cache forever."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    shift: Optional[float] = typer.Option(None, "--shift", help=SHIFT_HELP),
+    positions: str = typer.Option("auto", "--positions", help="RoPE positions: absolute, reindex (inside the window) or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed for all noise."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
-    """Train the built-in world model from scratch on the bouncing-balls world (one GPU, minutes).
+    """Stream a video chunk by chunk with the model's KV cache (dense or latent); latents always, mp4 with --vae.
 
-    Example: mlaconvert pretrain --recipe bouncing-balls -o bouncing-balls
+    Example: mlaconvert sample builtin:bouncing-balls --prompt "two balls: red, blue" --frames 30 -o sample
     """
-    from mlaconvert.pretrain import pretrain as run_pretrain, settings_from_recipe
-    from mlaconvert.progress import progress_bar
-    from mlaconvert.recipes import load_recipe
+    from mlaconvert.sampling import parse_timesteps
+    from mlaconvert.sampling import sample as run_sample
 
-    plan = load_recipe(recipe) if recipe else {}
-    settings = settings_from_recipe(dict(plan.get("pretrain", {})))
-    if max_steps is not None:
-        settings.max_steps = max_steps
-
-    def left_behind() -> str:
-        return f"pretrain stopped; '{output}' keeps its latest checkpoint and log; continue with: {_rerun('--resume')}"
-
-    with _on_interrupt(left_behind), progress_bar() as progress:
-        task = progress.add_task("pretrain", total=settings.max_steps)
-        result = run_pretrain(output, settings, device=device, resume=resume, force=force, time_limit=time_limit,
-                              on_step=lambda row: progress.update(task, completed=row["step"]))
-    last = result.log[-1] if result.log else {}
-    if not result.finished:
-        out.print(f"stopped at step {result.step} of {settings.max_steps} (time limit); continue with: {_rerun('--resume')}")
-        return
-    out.print(f"{result.step} steps, final loss {last.get('loss', float('nan')):.4g}; wrote the model to {output}")
-    out.print(f"next: mlaconvert eval {output} -o {output}-eval")
+    sampler = dict(
+        steps=steps, timesteps=parse_timesteps(timesteps) if timesteps else None, shift=shift, chunk=chunk, window=window,
+        sink=sink, positions=positions, seed=seed,
+    )
+    report = run_sample(
+        model, output, frames=frames, seconds=seconds, height=height, width=width, prefix=prefix, prompts=prompt,
+        prompt_embeds=prompt_embeds, random_text=random_text, text_encoder=text_encoder, vae=vae, batch=batch,
+        sampler=sampler, device=device, force=force,
+    )
+    peak = report["peak_memory_bytes"]
+    out.print(
+        f"{report['latent_frames']} latent frames ({report['video_seconds']:g} s) x {report['batch']} with {report['attention']} "
+        f"attention: {report['fps_latent_only']:.1f} fps (latent), {report['fps_end_to_end']:.1f} fps end to end, "
+        f"cache {report['cache_bytes'] / 2**20:.1f} MiB" + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
+    )
+    out.print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
+    _next(f"look at them, continue the video with --prefix {output / 'latents.safetensors'}, or judge a world "
+          f"model (or any with --data clips): {shlex.join(['mlaconvert', 'eval', model, '-o', f'{output}-eval'])}")
 
 
 @app.command(name="eval")
@@ -358,6 +308,83 @@ def print_eval(report: dict) -> None:
     out.print(table)
 
 
+@app.command()
+def bench(
+    preset_name: str = typer.Option("wan2.1-1.3b", "--preset", help="Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for bench-<device>.json and .png (default: bench-PRESET-DEVICE)."),
+    height: int = typer.Option(480, "--height", help="Video height in pixels."),
+    width: int = typer.Option(832, "--width", help="Video width in pixels."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    window: list[int] = typer.Option([21], "--window", help="Window sizes (repeat the option for a grid)."),
+    chunk: list[int] = typer.Option([3], "--chunk", help="Chunk sizes (repeatable)."),
+    batch: list[int] = typer.Option([1], "--batch", help="Batch sizes (repeatable)."),
+    dc: int = typer.Option(192, "--dc", help="Latent width of the MLA variant (values per token and layer, besides the rope key)."),
+    rope_dim: int = typer.Option(32, "--rope-dim", help="Width of the MLA variant's shared 3D-RoPE key."),
+    timed_chunks: int = typer.Option(4, "--timed-chunks", help="Chunks timed after the window is full."),
+    long_seconds: float = typer.Option(60.0, "--long-seconds", help="Length of the peak-memory rollout (0 skips it)."),
+    budget: float = typer.Option(80.0, "--budget-gib", help="Memory budget for the concurrent-streams estimate."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the blocks of both variants."),
+    force: bool = typer.Option(False, "--force", help="Write into an existing output folder (replacing files of the same name)."),
+) -> None:
+    """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget.
+
+    Example: mlaconvert bench --preset tiny --device cpu --height 64 --width 64 --window 6 --long-seconds 0
+    """
+    from mlaconvert.bench import BenchSettings, bench_output, print_bench, run_bench, write_bench
+    from mlaconvert.outputs import check_writable
+
+    settings = BenchSettings(
+        preset=preset_name, height=height, width=width, steps=steps, windows=tuple(window), chunks=tuple(chunk), batches=tuple(batch),
+        dc=dc, rope_dim=rope_dim, timed_chunks=timed_chunks, long_seconds=long_seconds, budget_gib=budget,
+        compile=compile_blocks,
+    )
+    output = output or bench_output(settings, device)
+    check_writable(output, force)  # before the minutes of measuring, not after
+    report = run_bench(settings, device=device)
+    print_bench(report, out)
+    json_path, png_path = write_bench(report, output)
+    out.print(f"wrote {json_path}; look at {png_path}")
+
+
+@app.command()
+def pretrain(
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, loss plot, checkpoint, and the trained model (a valid SOURCE)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name) with a \\[pretrain] table, e.g. bouncing-balls."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: the recipe's)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds of training before stopping with a checkpoint (continue with --resume)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing OUT."),
+) -> None:
+    """Train the built-in world model from scratch on the bouncing-balls world (one GPU, minutes).
+
+    Example: mlaconvert pretrain --recipe bouncing-balls -o bouncing-balls
+    """
+    from mlaconvert.pretrain import pretrain as run_pretrain, settings_from_recipe
+    from mlaconvert.progress import progress_bar
+    from mlaconvert.recipes import load_recipe
+
+    plan = load_recipe(recipe) if recipe else {}
+    settings = settings_from_recipe(dict(plan.get("pretrain", {})))
+    if max_steps is not None:
+        settings.max_steps = max_steps
+
+    def left_behind() -> str:
+        return f"pretrain stopped; '{output}' keeps its latest checkpoint and log; continue with: {_rerun('--resume')}"
+
+    with _on_interrupt(left_behind), progress_bar() as progress:
+        task = progress.add_task("pretrain", total=settings.max_steps)
+        result = run_pretrain(output, settings, device=device, resume=resume, force=force, time_limit=time_limit,
+                              on_step=lambda row: progress.update(task, completed=row["step"]))
+    last = result.log[-1] if result.log else {}
+    if not result.finished:
+        out.print(f"stopped at step {result.step} of {settings.max_steps} (time limit); continue with: {_rerun('--resume')}")
+        return
+    out.print(f"{result.step} steps, final loss {last.get('loss', float('nan')):.4g}; wrote the model to {output}")
+    _next(f"mlaconvert eval {output} -o {output}-eval")
+
+
 class Interrupted(Exception):
     """Ctrl-C during a long job, with what it leaves behind and how to carry on (exit status 130)."""
 
@@ -369,6 +396,11 @@ def _on_interrupt(explain: Callable[[], str]) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         raise Interrupted(explain()) from None
+
+
+def _next(step: str) -> None:
+    """What to run next, on one line however narrow the terminal, so that it can be copied whole."""
+    out.print(f"next: {step}", soft_wrap=True, highlight=False)
 
 
 def _rerun(flag: str) -> str:

@@ -31,6 +31,7 @@ from rich.text import Text
 
 from mlaconvert import __version__
 from mlaconvert.config import WanConfig
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_json
 
@@ -51,11 +52,6 @@ class LayerSpectra:
     v: torch.Tensor
     kv: torch.Tensor  # of the full joint matrix [key_scale * W_K; W_V], every key row
     key_scale: float
-
-
-def spectra_device() -> torch.device:
-    """The GPU when there is one: float64 eigvalsh there is still several times faster than on CPU cores."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def device_name(device: torch.device) -> str:
@@ -83,7 +79,7 @@ def layer_spectra(w_k: torch.Tensor, w_v: torch.Tensor, device: torch.device | N
     if w_k.ndim != 2 or w_v.ndim != 2 or w_k.shape[1] != w_v.shape[1]:
         raise MlaconvertError(f"W_K {tuple(w_k.shape)} and W_V {tuple(w_v.shape)} must be matrices on the same input")
     s = key_scale(w_k, w_v)
-    k = w_k.to(device or spectra_device(), torch.float64)
+    k = w_k.to(device or choose_device(None), torch.float64)
     v = w_v.to(k.device, torch.float64)
     gram_k, gram_v = k.T @ k, v.T @ v
     # The joint Gram is a sum of the blocks' Grams, so the third spectrum costs no extra matmul.
@@ -269,13 +265,15 @@ def build_report(
     energy: float = 0.99,
     source_info: Mapping[str, Any] | None = None,
     on_layer: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """The rank report of a model given by its config and native-named state dict.
 
-    `on_layer(index)` is called after each layer, for progress display.
+    `on_layer(index)` is called after each layer, for progress display. `device` runs the spectra (default:
+    the GPU when there is one: float64 eigvalsh there is still several times faster than on CPU cores).
     """
     check_options(dc, energy)
-    device = spectra_device()
+    device = device or choose_device(None)
     analyse = _layer_analysis(config, state_dict, energy=energy, dc=dc, device=device)
     start = time.perf_counter()
     layers = []
@@ -351,11 +349,14 @@ def analyze_source(
     energy: float = 0.99,
     config: str | None = None,
     head_dim: int = 128,
+    device: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Load SOURCE, build its rank report, and write it into the folder `out_dir` (replaced only with force).
 
     `config` (preset name or config.json) and `head_dim` go to the loader, for checkpoints without a config.
+    `device` (--device) runs the spectra; their size is not checked, as eigvalsh of a full-size model's
+    matrices on the CPU takes minutes, not the hours a forward pass would.
     """
     from mlaconvert.hub import load_source
     from mlaconvert.progress import progress_bar
@@ -363,6 +364,7 @@ def analyze_source(
     check_options(dc, energy)
     out_dir = Path(out_dir)
     check_writable(out_dir, force)  # refuse before a possibly long download, not after it
+    dev = choose_device(device)
     checkpoint = load_source(source, config=config, head_dim=head_dim)
     with progress_bar() as progress:
         task = progress.add_task("spectra", total=checkpoint.config.num_layers)
@@ -373,6 +375,7 @@ def analyze_source(
             energy=energy,
             source_info=checkpoint.info,
             on_layer=lambda _: progress.advance(task),
+            device=dev,
         )
     with atomic_dir(out_dir, force) as folder:
         write_report(report, folder)

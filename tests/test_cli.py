@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
+import typer
 
 from mlaconvert import __version__
 
 
-@pytest.mark.parametrize("command", ["analyze", "convert", "finetune", "sample", "bench"])
+@pytest.mark.parametrize("command", ["analyze", "convert", "finetune", "sample", "eval", "bench", "pretrain"])
 def test_every_subcommand_has_help(cli, command):
     r = cli(command, "--help")
     assert r.returncode == 0 and "Usage" in r.stdout and "Traceback" not in r.stderr
@@ -116,3 +120,43 @@ def test_help_keeps_the_section_names_and_gives_bench_units(cli):
     assert "[convert]" in r.stdout
     r = cli("bench", "--help")
     assert "pixels" in r.stdout and "Latent width" in r.stdout
+
+
+WORKFLOW = ["analyze", "convert", "finetune", "sample", "eval", "bench", "pretrain"]
+
+
+def test_commands_come_in_workflow_order_each_with_an_example(cli):
+    r = cli("--help")
+    listed = re.findall(r"^│ (\w+) ", r.stdout, flags=re.M)
+    assert listed == WORKFLOW
+    for command in WORKFLOW:
+        r = cli(command, "--help")
+        assert f"Example: mlaconvert {command} " in r.stdout, command
+
+
+def test_help_keeps_every_bracketed_word(cli):
+    """rich reads `[word]` as markup and drops it unless escaped as `\\[word]`."""
+    from mlaconvert.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        words = {w for text in texts for w in re.findall(r"\[[^\]\s]+\]", text.replace("\\[", "["))}
+        shown = cli(name, "--help").stdout
+        assert all(w in shown for w in words), (name, [w for w in words if w not in shown])
+
+
+def test_bench_writes_a_folder_named_for_the_run_and_never_over_one(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--height", "32", "--width", "32", "--window", "3",
+            "--batch", "1", "--timed-chunks", "1", "--long-seconds", "0"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "bench-tiny-cpu").iterdir()) == ["bench-cpu.json", "bench-cpu.png"]
+    assert not (tmp_path / "docs").exists()
+    r = cli(*args)
+    assert r.returncode == 1 and "'bench-tiny-cpu' already exists; pass --force" in r.stderr
+    report = json.loads((tmp_path / "bench-tiny-cpu" / "bench-cpu.json").read_text())
+    monkeypatch.setattr("mlaconvert.bench.run_bench", lambda *_a, **_k: report)  # measured once above is enough
+    r = cli(*args, "--force")
+    assert r.returncode == 0 and "look at bench-tiny-cpu/bench-cpu.png" in r.stdout
