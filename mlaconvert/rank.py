@@ -512,8 +512,6 @@ def report_figure(report: Mapping[str, Any]) -> Any:
 
 
 def _plot_mla(report: Mapping[str, Any], ax: Any, tag: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     layers = report["layers"]
     indices = [layer["index"] for layer in layers]
     # Distinct dashes and marker sizes: the weight utilisations often coincide at 1.0 and would hide each other.
@@ -523,17 +521,22 @@ def _plot_mla(report: Mapping[str, Any], ax: Any, tag: str) -> None:
         if any(v is not None for v in values):
             ax.plot(indices, [np.nan if v is None else v for v in values], marker=marker, linestyle=line, markersize=size, label=name)
     ax.set_ylim(0, 1.05)
+    _per_layer_axes(ax, "effective rank / dc", f"{tag} rank utilisation of the latent budget", columns=2)
+
+
+def _per_layer_axes(ax: Any, ylabel: str, title: str, columns: int) -> None:
+    """Integer layer ticks, labels, grid, and the legend below the plot where it covers no line."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("effective rank / dc")
-    ax.set_title(f"{tag} rank utilisation of the latent budget".strip())
+    ax.set_ylabel(ylabel)
+    ax.set_title(title.strip())
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=columns, fontsize="small")
 
 
 def _plot_errors(report: Mapping[str, Any], ax: Any, tag: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     layers = report["layers"]
     indices = [layer["index"] for layer in layers]
     names = {"attn_error": ("attention output", "k", "o"), "k_error": ("pre-norm key", "tab:blue", "^"),
@@ -547,12 +550,7 @@ def _plot_errors(report: Mapping[str, Any], ax: Any, tag: str) -> None:
     prediction = [layer["mla"]["spectral_prediction"]["spectral_error_at_dc"] for layer in layers]
     ax.plot(indices, prediction, "k:", label="spectral prediction at dc")
     ax.set_ylim(0, 1.1 * max(top, max(prediction), 1e-3))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("relative error on calibration tokens")
-    ax.set_title(f"{tag} measured conversion error".strip())
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize="small")
+    _per_layer_axes(ax, "relative error on calibration tokens", f"{tag} measured conversion error", columns=3)
 
 
 def _plot_dense(report: Mapping[str, Any], fig: Any, rank_ax: Any, spectrum_ax: Any) -> None:
