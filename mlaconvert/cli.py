@@ -31,7 +31,7 @@ STEPS_HELP = "Denoising steps per chunk, evenly spaced from 1000 before the shif
 TIMESTEPS_HELP = "The denoising timesteps themselves, before the shift: a descending comma list in (0, 1000], e.g. 1000,500 (instead of --steps)."
 SHIFT_HELP = "Flow-matching timestep shift (default: the model's own)."
 DEVICE_HELP = "cuda or cpu (default: cuda when available, else the CPU; a full-size model needs --device cpu to run there)."
-SOURCE_HELP = "Hub repo id (org/name, org/name@revision, org/name/path/to/file.pt), a local folder, a checkpoint file, or builtin:tiny-wan."
+SOURCE_HELP = "Hub repo id (org/name, org/name@revision, org/name/path/to/file.pt), a local folder, a checkpoint file, or a built-in model (builtin:bouncing-balls, builtin:tiny-wan)."
 
 
 def _version(value: bool) -> None:

@@ -1,7 +1,7 @@
 """SOURCE resolution: a Hub repo id, a local path or a builtin model -> files on disk -> a Checkpoint.
 
 Forms, tried in this order:
-  builtin:tiny-wan                      a model shipped with the package
+  builtin:NAME                          a model shipped with the package (bouncing-balls, tiny-wan)
   ./any/existing/path                   a local file or folder (an existing path always wins)
   org/name, org/name@rev                a Hub repo: only the transformer's files are fetched
   org/name[@rev]/sub/file.pt            one file inside a Hub repo
