@@ -308,15 +308,16 @@ def _to_rgb(video: torch.Tensor, low: float, high: float) -> np.ndarray:
 
 
 def write_strip(strip: dict[str, torch.Tensor], columns: list[int], path: Path) -> None:
-    """Rows truth | model | teacher for each strip clip, columns the given frames, enlarged with nearest neighbour."""
+    """Rows truth | model | teacher (or whatever `strip` names, the first setting the colour range) for each clip,
+    columns the given frames, enlarged with nearest neighbour."""
     from matplotlib.figure import Figure
 
-    truth = strip["truth"]
+    truth = next(iter(strip.values()))
     low, high = (-1.0, 1.0) if truth.shape[1] == 3 else (float(truth.min()), float(truth.max()) + 1e-6)
     scale = max(1, STRIP_SCALE_TO // max(truth.shape[3:]))
     gap = 2
     rgb = {name: _to_rgb(video[:, :, columns], low, high).repeat(scale, axis=2).repeat(scale, axis=3) for name, video in strip.items()}
-    tile_h, tile_w = rgb["truth"].shape[2:4]
+    tile_h, tile_w = next(iter(rgb.values())).shape[2:4]
     rows = [(f"{name} #{i}", rgb[name][i]) for i in range(truth.shape[0]) for name in strip]
     image = np.ones((len(rows) * (tile_h + gap) - gap, len(columns) * (tile_w + gap) - gap, 3))
     for r, (_, tiles) in enumerate(rows):

@@ -303,6 +303,8 @@ def sample(
         save_file({"latents": result.latents.contiguous()}, str(tmp / "latents.safetensors"), metadata={"prompts": json.dumps(prompt_list)})
         report = run_report(result, model_spec, cfg, settings, frames, (height, width), dev, total, prompt_list)
         report["prefix"] = None if given is None else {"file": str(prefix), "frames": given.shape[2]}
+        if cfg.vae_stride == (1, 1, 1) and cfg.in_dim == 3:  # a model of pixels: the frames themselves, to look at
+            _write_frames(result.latents, tmp / "frames.png")
         write_json(tmp / "run.json", report)
     return report
 
@@ -339,6 +341,15 @@ def _frame_size(config: WanConfig, prefix: torch.Tensor | None, height: int | No
         return size
     default = (config.world.size, config.world.size) if config.world is not None else (480, 832)
     return height or default[0], width or default[1]
+
+
+def _write_frames(video: torch.Tensor, path: Path, columns: int = 8, streams: int = 4) -> None:
+    """Up to `columns` evenly spaced frames of the first `streams` streams of a pixel-space video, as one PNG."""
+    from mlaconvert.evaluate import write_strip
+
+    frames = video.shape[2]
+    picked = sorted({round(i * (frames - 1) / max(1, columns - 1)) for i in range(min(columns, frames))})
+    write_strip({"sample": video[:streams]}, picked, path)
 
 
 def _video_sink(vae: str | None, folder: Path, batch: int, dev: torch.device, stack: contextlib.ExitStack) -> Callable[[torch.Tensor], None]:

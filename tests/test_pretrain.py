@@ -110,6 +110,7 @@ def test_sample_continues_a_prefix_file_through_the_cli(cli, tmp_path):
     assert latents.shape == (1, 3, 7, 32, 32) and torch.equal(latents[:, :, :3], prefix)
     report = json.loads((second / "run.json").read_text())
     assert report["prefix"]["frames"] == 3 and report["latent_frames"] == 4
+    assert (second / "frames.png").is_file()  # pixels: the frames themselves, prefix included
     r = cli("sample", "builtin:bouncing-balls", "--prompt", "one ball: red", "--prefix", str(first / "latents.safetensors"),
             "--height", "64", "--device", "cpu", "-o", str(tmp_path / "third"))
     assert r.returncode == 1 and "cannot change that" in r.stderr and len(r.stderr.strip().splitlines()) == 1
