@@ -258,12 +258,7 @@ def sample(
 
     out_dir = Path(out_dir)
     check_writable(out_dir, force)
-    if frames is not None and seconds is not None:
-        raise MlaconvertError("--frames and --seconds both set the length: give one of them")
-    if seconds is not None and seconds <= 0:
-        raise MlaconvertError(f"--seconds must be positive (got {seconds:g})")
-    if frames is None:
-        frames = latent_frames_for(seconds if seconds is not None else 5.0)
+    frames = _frame_count(frames, seconds)
     checkpoint = load_source(model_spec)
     cfg = checkpoint.config
     given = load_prefix(prefix, cfg) if prefix is not None else None
@@ -307,6 +302,15 @@ def sample(
             _write_frames(result.latents, tmp / "frames.png")
         write_json(tmp / "run.json", report)
     return report
+
+
+def _frame_count(frames: int | None, seconds: float | None) -> int:
+    """Latent frames from --frames or --seconds (one of them; 5 s when neither is given)."""
+    if frames is not None and seconds is not None:
+        raise MlaconvertError("--frames and --seconds both set the length: give one of them")
+    if seconds is not None and seconds <= 0:
+        raise MlaconvertError(f"--seconds must be positive (got {seconds:g})")
+    return frames if frames is not None else latent_frames_for(seconds if seconds is not None else 5.0)
 
 
 def load_prefix(path: str | Path, config: WanConfig) -> torch.Tensor:
