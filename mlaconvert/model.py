@@ -21,7 +21,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,11 @@ from torch.utils.checkpoint import checkpoint
 from mlaconvert.config import WanConfig
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.rope import Rotary, grid_positions, leading_rope_pairs
+
+
+# Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see and needs no L x L mask
+# in memory; "sdpa" takes a boolean mask; "auto" uses flex on CUDA.
+AttentionBackend = Literal["auto", "flex", "sdpa"]
 
 
 class LayerKV(Protocol):
@@ -72,8 +77,19 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return layer(x.to(layer.weight.dtype))
+class Linear(nn.Linear):
+    """nn.Linear that first casts its input to the weights' dtype: the residual stream and modulation stay in
+    float32 while the projections run in the weights' dtype (Wan's mixed precision)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that first casts its input to the weights' dtype (the patch embedding; see Linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
 
 
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -89,7 +105,7 @@ class Attention(nn.Module):
 
     num_heads: int
     head_dim: int
-    o: nn.Linear
+    o: Linear
 
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -122,7 +138,7 @@ class Attention(nn.Module):
             out = _flex_attention(q.device.type)(q, k, v, block_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return _linear(self.o, out.transpose(1, 2).flatten(2))
+        return self.o(out.transpose(1, 2).flatten(2))
 
 
 class DenseSelfAttention(Attention):
@@ -132,7 +148,7 @@ class DenseSelfAttention(Attention):
         super().__init__()
         dim = config.dim
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
         self.rotary = Rotary.full(config.head_dim, config.rope_theta)
@@ -141,14 +157,14 @@ class DenseSelfAttention(Attention):
         return (self.num_heads * self.head_dim,) * 2
 
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.norm_k(_linear(self.k, x)), _linear(self.v, x)
+        return self.norm_k(self.k(x)), self.v(x)
 
     def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = (e.unflatten(-1, (self.num_heads, self.head_dim)) for e in entries)
         return self.rotary.apply(k, *self.rotary.cos_sin(positions)), v
 
     def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.num_heads, self.head_dim))
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
         return self.rotary.apply(q, *self.rotary.cos_sin(positions))
 
 
@@ -172,18 +188,18 @@ class LatentSelfAttention(Attention):
         self.num_heads, self.head_dim, self.nope_dim, self.rope_dim = config.num_heads, config.head_dim, mla.nope_dim, dr
         self.eps = config.eps
         if mla.q_rank:
-            self.q_down = nn.Linear(dim, mla.q_rank, bias=False)
-            self.q_up = nn.Linear(mla.q_rank, dim)
+            self.q_down = Linear(dim, mla.q_rank, bias=False)
+            self.q_up = Linear(mla.q_rank, dim)
         else:
-            self.q = nn.Linear(dim, dim)
+            self.q = Linear(dim, dim)
         self.norm_q = RMSNorm(dim, config.eps)
         self.q_rope_mix = nn.Parameter(torch.eye(2).repeat(self.num_heads, dr // 2, 1, 1))
-        self.kv_down = nn.Linear(dim, dc, bias=False)
-        self.k_up = nn.Linear(dc, self.num_heads * self.nope_dim)
-        self.v_up = nn.Linear(dc, dim)
-        self.k_rope = nn.Linear(dim, dr)
+        self.kv_down = Linear(dim, dc, bias=False)
+        self.k_up = Linear(dc, self.num_heads * self.nope_dim)
+        self.v_up = Linear(dc, dim)
+        self.k_rope = Linear(dim, dr)
         self.k_rope_norm = nn.Parameter(torch.eye(2).repeat(dr // 2, 1, 1) * self.num_heads)
-        self.o = nn.Linear(dim, dim)
+        self.o = Linear(dim, dim)
         rope_pairs = mla.rope_pairs[layer] if mla.rope_pairs else leading_rope_pairs(config.head_dim, dr)
         self.rotary = Rotary([p for axis in rope_pairs for p in axis], config.head_dim, config.rope_theta)
 
@@ -200,7 +216,7 @@ class LatentSelfAttention(Attention):
         form.copy_((vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.transpose(-1, -2))
 
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _linear(self.kv_down, x), _linear(self.k_rope, x)
+        return self.kv_down(x), self.k_rope(x)
 
     def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
@@ -213,17 +229,17 @@ class LatentSelfAttention(Attention):
 
     def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, r = entries
-        k_c = _linear(self.k_up, c)
+        k_c = self.k_up(c)
         pairs = r.float().unflatten(-1, (-1, 2))
         scale = self.key_scale(k_c, r)
         k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
         k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(positions))
         k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
-        v = _linear(self.v_up, c).unflatten(-1, (self.num_heads, self.head_dim))
+        v = self.v_up(c).unflatten(-1, (self.num_heads, self.head_dim))
         return k, v
 
     def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        q = _linear(self.q_up, _linear(self.q_down, x)) if hasattr(self, "q_down") else _linear(self.q, x)
+        q = self.q_up(self.q_down(x)) if hasattr(self, "q_down") else self.q(x)
         q = self.norm_q(q).unflatten(-1, (self.num_heads, self.head_dim))
         q_c, q_r = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_r = torch.einsum("blhpj,hpij->blhpi", q_r.unflatten(-1, (-1, 2)), self.q_rope_mix.to(q_r.dtype)).flatten(-2)
@@ -237,17 +253,17 @@ class CrossAttention(nn.Module):
         super().__init__()
         dim = config.dim
         self.num_heads = config.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q = self.norm_q(_linear(self.q, x)).unflatten(-1, heads).transpose(1, 2)
-        k = self.norm_k(_linear(self.k, context)).unflatten(-1, heads).transpose(1, 2)
-        v = _linear(self.v, context).unflatten(-1, heads).transpose(1, 2)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads).transpose(1, 2)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads).transpose(1, 2)
+        v = self.v(context).unflatten(-1, heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return _linear(self.o, out.transpose(1, 2).flatten(2))
+        return self.o(out.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
@@ -259,7 +275,7 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(dim, config.eps) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(config)
         self.norm2 = LayerNorm(dim, config.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
@@ -284,7 +300,7 @@ class Block(nn.Module):
         y = self.self_attn(modulate(self.norm1(x), e[0], e[1]), positions, past, mask)
         x = x + gated(y, e[2])
         x = x + self.cross_attn(self.norm3(x), context).float()
-        y = _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], modulate(self.norm2(x), e[3], e[4]))))
+        y = self.ffn(modulate(self.norm2(x), e[3], e[4]))
         return x + gated(y, e[5])
 
 
@@ -293,33 +309,33 @@ class Head(nn.Module):
         super().__init__()
         out = config.out_dim * math.prod(config.patch_size)
         self.norm = LayerNorm(config.dim, config.eps, elementwise_affine=False)
-        self.head = nn.Linear(config.dim, out)
+        self.head = Linear(config.dim, out)
         self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         b, frames = e.shape[:2]
         shift, scale = (self.modulation.float() + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # (B, F, 1, dim)
         h = (self.norm(x).view(b, frames, -1, x.shape[-1]) * (1 + scale) + shift).flatten(1, 2)
-        return _linear(self.head, h)
+        return self.head(h)
 
 
 class WanModel(nn.Module):
     """Wan2.1 text-to-video DiT; bidirectional, block-causal, or chunk-by-chunk against a KV cache."""
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, attention_backend: AttentionBackend = "auto"):
         super().__init__()
+        if attention_backend not in get_args(AttentionBackend):
+            raise ValueError(f"unknown attention backend {attention_backend!r}; use one of {get_args(AttentionBackend)}")
         self.config = config
+        self.attention_backend = attention_backend
         dim = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.patch_embedding = Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim))
+        self.time_embedding = nn.Sequential(Linear(config.freq_dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.head = Head(config)
         self.gradient_checkpointing = False
-        # Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see and needs no
-        # L x L mask in memory; "sdpa" takes a boolean mask; "auto" uses flex on CUDA.
-        self.attention_backend = "auto"
 
     # The Hugging Face pair below is written out rather than inherited from huggingface_hub's ModelHubMixin: the
     # mixin downloads a repo snapshot and rebuilds the model from its own config dict, while `hub.load_source`
@@ -335,6 +351,7 @@ class WanModel(nn.Module):
         dtype: torch.dtype | None = None,
         config: WanConfig | str | None = None,
         head_dim: int = 128,
+        attention_backend: AttentionBackend = "auto",
     ) -> WanModel:
         """A dense or MLA model from any SOURCE `hub.load_source` accepts: a Hub repo (optionally @revision, or a
         file inside it), a local folder (native, diffusers, an mlaconvert export), a checkpoint file, builtin:NAME.
@@ -342,7 +359,7 @@ class WanModel(nn.Module):
         from mlaconvert.hub import load_source
 
         checkpoint = load_source(source, config=config, head_dim=head_dim, revision=revision)
-        return load_model(checkpoint.config, checkpoint.state_dict, device=device, dtype=dtype)
+        return load_model(checkpoint.config, checkpoint.state_dict, device, dtype, attention_backend)
 
     def save_pretrained(self, folder: str | os.PathLike[str], *, force: bool = False) -> Path:
         """Write `config.json` + safetensors so that `from_pretrained(folder)` (and every command) loads it back:
@@ -401,22 +418,16 @@ class WanModel(nn.Module):
         if cache is not None:
             positions = cache.query_positions
         elif chunk_frames is not None:
-            chunk = torch.div(positions[:, 0] - first_frame, chunk_frames, rounding_mode="floor")
-            if clean is not None:
-                latents = torch.cat([clean.to(latents.dtype), latents], dim=2)
-                t = torch.cat([torch.zeros_like(t), t], dim=1)
-                positions = torch.cat([positions, positions])
-            backend = self.attention_backend
-            if backend == "auto":
-                backend = "flex" if latents.is_cuda else "sdpa"
-            mask = chunk_mask(chunk, teacher_forcing=clean is not None, flex=backend == "flex")
+            latents, t, positions, mask = chunked_inputs(
+                latents, t, positions, first_frame, chunk_frames, clean, self.attention_backend
+            )
         elif clean is not None:
             raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
 
-        x = _conv(self.patch_embedding, latents).flatten(2).transpose(1, 2).float()
-        e = _linear(self.time_embedding[2], self.time_embedding[1](_linear(self.time_embedding[0], sinusoid(t, cfg.freq_dim)))).float()
-        e0 = _linear(self.time_projection[1], self.time_projection[0](e)).float().unflatten(-1, (6, cfg.dim))
-        context = _linear(self.text_embedding[2], self.text_embedding[1](_linear(self.text_embedding[0], text)))
+        x = self.patch_embedding(latents).flatten(2).transpose(1, 2).float()
+        e = self.time_embedding(sinusoid(t, cfg.freq_dim)).float()
+        e0 = self.time_projection(e).float().unflatten(-1, (6, cfg.dim))
+        context = self.text_embedding(text)
 
         for i, block in enumerate(self.blocks):
             past = cache.layer(i) if cache is not None else None
@@ -429,6 +440,32 @@ class WanModel(nn.Module):
         if clean is not None:
             out = out[:, out.shape[1] // 2 :]
         return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+
+def chunked_inputs(
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    positions: torch.Tensor,
+    first_frame: int,
+    chunk_frames: int,
+    clean: torch.Tensor | None,
+    backend: AttentionBackend,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | BlockMask]:
+    """The (latents, t, positions, mask) of a block-causal forward in chunks of `chunk_frames` latent frames.
+
+    t is per latent frame (B, F), positions per token. With `clean` (teacher forcing) the clean clip is put before
+    the noisy one at t = 0 with the same positions, since both stand for the same frames; the mask then lets each
+    noisy chunk see the clean chunks before it and itself (see chunk_mask).
+    """
+    chunk = torch.div(positions[:, 0] - first_frame, chunk_frames, rounding_mode="floor")
+    if clean is not None:
+        latents = torch.cat([clean.to(latents.dtype), latents], dim=2)
+        t = torch.cat([torch.zeros_like(t), t], dim=1)
+        positions = torch.cat([positions, positions])
+    if backend == "auto":
+        backend = "flex" if latents.is_cuda else "sdpa"
+    mask = chunk_mask(chunk, teacher_forcing=clean is not None, flex=backend == "flex")
+    return latents, t, positions, mask
 
 
 def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool, flex: bool) -> torch.Tensor | BlockMask:
@@ -460,10 +497,6 @@ def _flex_attention(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    return conv(x.to(conv.weight.dtype))
-
-
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> torch.Tensor:
     """(B, L, prod(patch)*C) tokens -> (B, C, F, H, W); each token's features are ordered (pt, ph, pw, C)."""
     b = x.shape[0]
@@ -473,10 +506,16 @@ def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, in
     return x.reshape(b, channels, f * patch[0], h * patch[1], w * patch[2])
 
 
-def load_model(config: WanConfig, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> WanModel:
+def load_model(
+    config: WanConfig,
+    state_dict: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attention_backend: AttentionBackend = "auto",
+) -> WanModel:
     """Build the model for `config` and load `state_dict` strictly, with a one-line error on any mismatch."""
     with torch.device("meta"):
-        model = WanModel(config)
+        model = WanModel(config, attention_backend)
     result = model.load_state_dict(state_dict, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         parts = []
