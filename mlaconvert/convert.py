@@ -28,7 +28,7 @@ from mlaconvert.factorize import LayerFactors, factorize_layer
 from mlaconvert.rope import AXES, rope_quota
 from mlaconvert.formats import Checkpoint
 from mlaconvert.model import DenseSelfAttention, LatentSelfAttention, load_model
-from mlaconvert.rank import truncation_at
+from mlaconvert.spectra import mla_utilisation, truncation_at
 
 INITS = ("svd", "asvd", "random")
 
@@ -281,7 +281,7 @@ def weights_sha256(files: list[Path]) -> str | None:
 
 def conversion_report(checkpoint: Checkpoint, conversion: Conversion, settings: ConvertSettings) -> dict[str, Any]:
     """The analyze report of the dense source, extended per layer with what the conversion did and measured."""
-    from mlaconvert.rank import build_report, mla_utilisation
+    from mlaconvert.rank import build_report
 
     dcs = conversion.config.mla.dc
     uniform = dcs[0] if len(set(dcs)) == 1 else None

@@ -742,7 +742,7 @@ def held_out_latents(model: WanModel, clips: torch.Tensor, text: torch.Tensor, c
 
 def _evaluate(student: WanModel, teacher: WanModel, clips: Clips, settings: FinetuneSettings, autocast: Any) -> dict[str, Any]:
     """Teacher agreement and rank utilisation (weights and held-out latents) of the student as it is now."""
-    from mlaconvert.rank import mla_utilisation
+    from mlaconvert.spectra import mla_utilisation
 
     latents, text = clips.latents[-settings.held_out :], clips.text[-settings.held_out :]
     with autocast:

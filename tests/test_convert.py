@@ -294,7 +294,7 @@ def test_report_picture_keeps_errors_and_utilisation_apart_and_names_the_export(
 
 
 def test_analyze_full_joint_matrix_and_convert_content_joint_matrix_are_different_matrices():
-    from mlaconvert.rank import layer_spectra
+    from mlaconvert.spectra import layer_spectra
 
     heads, hd = 3, 24
     dense = dense_attention(heads, hd)

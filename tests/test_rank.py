@@ -23,13 +23,10 @@ from mlaconvert.rank import (
     SCHEMA,
     analyze_source,
     build_report,
-    effective_rank,
-    key_scale,
-    layer_spectra,
     print_report,
-    truncation_at,
     write_report,
 )
+from mlaconvert.spectra import effective_rank, key_scale, layer_spectra, truncation_at
 
 TINY = WanConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=3)
 CPU = torch.device("cpu")
@@ -258,7 +255,7 @@ def test_missing_or_misshapen_weights_are_named() -> None:
 
 
 def test_mla_utilisation_matches_numpy() -> None:
-    from mlaconvert.rank import mla_utilisation
+    from mlaconvert.spectra import mla_utilisation
 
     g = torch.Generator().manual_seed(3)
     dc, dim = 16, 48
