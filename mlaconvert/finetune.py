@@ -158,6 +158,13 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
         raise MlaconvertError("--lr and grad_clip must be positive; weight_decay, warmup and --layer-loss-weight non-negative")
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor of every training recipe here: linear warmup, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
+
+
 def derived_seed(seed: int, purpose: str, index: int) -> int:
     """The seed of one draw (a step's noise, an epoch's order, a batch of generated clips), independent of
     every other draw, so no draw depends on how many came before it in this process."""
@@ -532,7 +539,8 @@ class Trainer:
             self.module = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, settings.warmup, settings.max_steps))
         self.student_attn, self.teacher_attn = AttentionOutputs(student), AttentionOutputs(teacher)
         self.train_count = clips.latents.shape[0] - settings.held_out
         self.step_count = 0
@@ -540,13 +548,6 @@ class Trainer:
         cuda = procs.device.type == "cuda"
         # bf16 compute with fp32 master weights on CUDA; plain fp32 on the CPU.
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def _lr_factor(self, step: int) -> float:
-        s = self.settings
-        if step < s.warmup:
-            return (step + 1) / s.warmup
-        progress = (step - s.warmup) / max(1, s.max_steps - s.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def _clip_indices(self, position: int, count: int) -> torch.Tensor:
         """Clips `position .. position+count` of the stream: each epoch a fresh seeded permutation."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from torch import nn
 from mlaconvert import world
 from mlaconvert.config import SamplerDefaults, WanConfig
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.finetune import derived_seed, noised
+from mlaconvert.finetune import _trim_log, derived_seed, noised, warmup_cosine
 from mlaconvert.model import WanModel
 from mlaconvert.outputs import atomic_dir, check_writable, write_json
 
@@ -129,13 +130,6 @@ def init_weights(model: WanModel, seed: int) -> None:
                 if module.bias is not None:
                     module.bias.zero_()
         model.head.head.weight.zero_()
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warmup, then cosine decay to zero at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
 
 
 @dataclass
@@ -234,8 +228,6 @@ def pretrain(
 ) -> PretrainResult:
     """Train the world model into `output` (run + model folder). `time_limit` (seconds) ends the run early with a
     checkpoint, for time-boxed jobs; call again with resume=True to go on. on_step receives every log row."""
-    from mlaconvert.finetune import _trim_log
-
     settings.check()
     output = Path(output)
     if resume and force:
@@ -248,8 +240,6 @@ def pretrain(
             raise MlaconvertError(f"'{output}' holds an unfinished pretrain run: pass --resume to continue it or --force to start over")
         check_writable(output, force)
         if output.exists():
-            import shutil
-
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
