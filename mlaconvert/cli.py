@@ -352,6 +352,7 @@ def pretrain(
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: log, loss plot, checkpoint, and the trained model (a valid SOURCE)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name) with a \\[pretrain] table, e.g. bouncing-balls."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: the recipe's)."),
+    init: Optional[str] = typer.Option(None, "--init", help="SOURCE whose weights the run starts from (default: the recipe's, else random)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds of training before stopping with a checkpoint (continue with --resume)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
@@ -369,6 +370,8 @@ def pretrain(
     settings = settings_from_recipe(dict(plan.get("pretrain", {})))
     if max_steps is not None:
         settings.max_steps = max_steps
+    if init is not None:
+        settings.init = init
 
     def left_behind() -> str:
         return f"pretrain stopped; '{output}' keeps its latest checkpoint and log; continue with: {_rerun('--resume')}"

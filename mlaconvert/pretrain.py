@@ -8,7 +8,9 @@ the forward that `finetune` uses and that the cached rollout computes chunk by c
 noised to its own σ ~ U(0, 1), x_σ = (1-σ) x + σ ε, and the model predicts v = ε - x while attending to the
 earlier chunks of the clean clip. At sampling time that context is the model's own output, never the truth; to
 make it robust to its own mistakes the context is itself lightly noised during training (σ_ctx ~ U(0,
-context_noise) per chunk) while still presented at t = 0.
+context_noise) per chunk) while still presented at t = 0, and for the last `own_context_steps` steps the
+context is the model's own cached rollout after the clip's true first chunk (Self-Forcing's idea, with the
+truth as target): the model learns to continue, and to correct, what it will really see when it samples.
 
 The output folder is the run and the model at once:
     OUT/train_log.jsonl        one row per step (loss, lr, grad norm, rate), eval_loss every eval_every steps
@@ -39,6 +41,7 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.finetune import _trim_log, derived_seed, noised, warmup_cosine
 from mlaconvert.model import WanModel
 from mlaconvert.outputs import atomic_dir, check_writable, write_json
+from mlaconvert.sampling import SamplerSettings, rollout
 
 LOG_NAME, LOSS_PLOT, CHECKPOINT_DIR = "train_log.jsonl", "loss.png", "checkpoint"
 
@@ -62,6 +65,8 @@ class PretrainSettings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     context_noise: float = 0.1  # largest σ of the noise put on the clean context
+    own_context_steps: int = 0  # the last steps, whose context is the model's own rollout, not the true clip
+    init: str = ""  # a SOURCE whose weights the run starts from (a model of this config); "" = random
     eval_every: int = 250  # steps between held-out losses
     eval_clips: int = 16
     checkpoint_every: int = 250
@@ -79,6 +84,8 @@ class PretrainSettings:
             raise MlaconvertError("pretrain trains a world model: its config needs a world and the captions text encoder")
         if self.frames < self.model.sampler.chunk or not 0 <= self.context_noise < 1 or self.lr <= 0:
             raise MlaconvertError("frames must hold a chunk, context_noise lie in [0, 1) and lr be positive")
+        if not 0 <= self.own_context_steps <= self.max_steps:
+            raise MlaconvertError(f"own_context_steps must lie in [0, max_steps] (got {self.own_context_steps})")
 
 
 @dataclass
@@ -87,7 +94,13 @@ class Batch:
     text: torch.Tensor  # (B, text_len, text_dim)
     noise: torch.Tensor
     timesteps: torch.Tensor  # (B, F), per chunk
-    context: torch.Tensor  # the clean clip as the model sees it for context (lightly noised)
+    context_noise: torch.Tensor
+    context_timesteps: torch.Tensor  # (B, F), per chunk: how much noise the context carries
+    context: torch.Tensor  # the frames the model sees as context (the clean clip, lightly noised)
+
+    def with_context(self, frames: torch.Tensor) -> Batch:
+        """The same batch with other context frames (e.g. the model's own rollout), noised as the clean clip was."""
+        return dataclasses.replace(self, context=noised(frames, self.context_noise, self.context_timesteps))
 
 
 def make_batch(settings: PretrainSettings, rows: int, seed: int, device: torch.device, context_noise: float) -> Batch:
@@ -102,9 +115,21 @@ def make_batch(settings: PretrainSettings, rows: int, seed: int, device: torch.d
     noise = torch.randn(clean.shape, generator=g)
     ctx_sigma = per_frame(torch.rand(rows, chunks, generator=g) * context_noise)
     ctx_noise = torch.randn(clean.shape, generator=g)
-    to = dict(device=device)
-    context = noised(clean, ctx_noise.to(**to), ctx_sigma.to(**to) * 1000)
-    return Batch(clean, text, noise.to(**to), (sigma * 1000).to(**to), context)
+    ctx_noise, ctx_timesteps = ctx_noise.to(device), (ctx_sigma * 1000).to(device)
+    context = noised(clean, ctx_noise, ctx_timesteps)
+    return Batch(clean, text, noise.to(device), (sigma * 1000).to(device), ctx_noise, ctx_timesteps, context)
+
+
+def own_rollout(model: WanModel, batch: Batch, seed: int) -> torch.Tensor:
+    """The model's own continuation of each clip's true first chunk with its own sampler settings: the context
+    it will see when it samples. Eager, since the cached chunk-by-chunk shapes are not the compiled ones."""
+    cfg = model.config
+    chunk, (_, _, frames, h, w) = cfg.sampler.chunk, batch.clean.shape
+    sampler = SamplerSettings.for_model(cfg, seed=seed)
+    with torch.compiler.set_stance("force_eager"):
+        out = rollout(model, batch.text, frames=frames - chunk, latent_size=(h, w), settings=sampler,
+                      prefix=batch.clean[:, :, :chunk])
+    return out.latents.to(batch.clean.device)
 
 
 def flow_loss(model: nn.Module, batch: Batch, chunk: int) -> torch.Tensor:
@@ -132,6 +157,17 @@ def init_weights(model: WanModel, seed: int) -> None:
         model.head.head.weight.zero_()
 
 
+def initial_weights(settings: PretrainSettings) -> dict[str, torch.Tensor]:
+    """The float32 weights of `settings.init`, a model of exactly the configuration being trained."""
+    from mlaconvert.hub import load_source
+
+    checkpoint = load_source(settings.init)
+    if checkpoint.config != settings.model:
+        raise MlaconvertError(f"init '{settings.init}' is not a model of the configuration being trained; "
+                              "give a model that pretrain wrote with the same [pretrain.model]")
+    return {k: v.float() for k, v in checkpoint.state_dict.items()}
+
+
 @dataclass
 class PretrainResult:
     output: Path
@@ -146,7 +182,10 @@ class Run:
     def __init__(self, settings: PretrainSettings, device: torch.device):
         self.settings, self.device = settings, device
         self.model = WanModel(settings.model)
-        init_weights(self.model, settings.seed)
+        if settings.init:
+            self.model.load_state_dict(initial_weights(settings))
+        else:
+            init_weights(self.model, settings.seed)
         self.model.to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, betas=(0.9, 0.99),
                                            weight_decay=settings.weight_decay)
@@ -166,8 +205,12 @@ class Run:
     def train_step(self) -> dict[str, Any]:
         s = self.settings
         tic = time.perf_counter()
-        batch = make_batch(s, s.batch, derived_seed(s.seed, "step", self.step_count), self.device, s.context_noise)
+        seed = derived_seed(s.seed, "step", self.step_count)
+        batch = make_batch(s, s.batch, seed, self.device, s.context_noise)
+        own_context = self.step_count >= s.max_steps - s.own_context_steps
         with self.autocast:
+            if own_context:
+                batch = batch.with_context(own_rollout(self.model, batch, seed))
             loss = flow_loss(self.forward, batch, s.model.sampler.chunk)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,7 +220,7 @@ class Run:
         self.scheduler.step()
         self.step_count += 1
         row = {"step": self.step_count, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
-               "seconds": time.perf_counter() - tic}
+               "own_context": own_context, "seconds": time.perf_counter() - tic}
         if self.device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return row

@@ -14,7 +14,8 @@ from mlaconvert import world
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.hub import load_source
 from mlaconvert.model import load_model
-from mlaconvert.pretrain import WORLD_MODEL, PretrainSettings, make_batch, pretrain, settings_from_recipe
+from mlaconvert.model import WanModel
+from mlaconvert.pretrain import WORLD_MODEL, PretrainSettings, Run, init_weights, make_batch, own_rollout, pretrain, settings_from_recipe
 from mlaconvert.sampling import SamplerSettings, rollout
 
 TINY = PretrainSettings(
@@ -36,18 +37,44 @@ def test_training_lowers_the_held_out_loss_and_writes_a_loadable_model(tmp_path)
 
 
 def test_a_resumed_run_is_the_uninterrupted_run(tmp_path):
-    whole = pretrain(tmp_path / "whole", TINY)
-    part = pretrain(tmp_path / "part", TINY, time_limit=0.0)  # stops after its first step, with a checkpoint
+    settings = dataclasses.replace(TINY, own_context_steps=2)  # its rollouts' noise must resume too
+    whole = pretrain(tmp_path / "whole", settings)
+    assert [r["own_context"] for r in whole.log] == [False, False, True, True]
+    part = pretrain(tmp_path / "part", settings, time_limit=0.0)  # stops after its first step, with a checkpoint
     assert not part.finished and part.step == 1
     with pytest.raises(MlaconvertError, match="--resume"):
-        pretrain(tmp_path / "part", TINY)
-    resumed = pretrain(tmp_path / "part", TINY, resume=True)
+        pretrain(tmp_path / "part", settings)
+    resumed = pretrain(tmp_path / "part", settings, resume=True)
     assert resumed.finished and [r["loss"] for r in resumed.log] == [r["loss"] for r in whole.log]
     a = load_file(str(tmp_path / "whole" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "part" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(MlaconvertError, match="differ"):
-        pretrain(tmp_path / "part", dataclasses.replace(TINY, lr=1.0, max_steps=8), resume=True)
+        pretrain(tmp_path / "part", dataclasses.replace(settings, lr=1.0, max_steps=8), resume=True)
+
+
+def test_own_context_is_the_models_rollout_after_the_true_first_chunk_noised_like_the_clip():
+    model = WanModel(TINY.model)
+    init_weights(model, seed=3)
+    torch.nn.init.normal_(model.head.head.weight, std=0.05)  # a zero head would roll out pure noise
+    batch = make_batch(TINY, 2, seed=5, device=torch.device("cpu"), context_noise=0.2)
+    own = own_rollout(model, batch, seed=7)
+    assert own.shape == batch.clean.shape and torch.equal(own[:, :, :3], batch.clean[:, :, :3])
+    assert (own[:, :, 3:] - batch.clean[:, :, 3:]).abs().mean() > 0.1  # generated, not copied from the truth
+    sigma = (batch.context_timesteps / 1000)[:, None, :, None, None]
+    expected = (1 - sigma) * own + sigma * batch.context_noise
+    assert torch.allclose(batch.with_context(own).context, expected)
+    assert torch.allclose(batch.with_context(batch.clean).context, batch.context)
+
+
+def test_a_run_can_start_from_the_weights_of_a_model_of_its_configuration(tmp_path):
+    pretrain(tmp_path / "first", dataclasses.replace(TINY, max_steps=2))
+    first = load_source(str(tmp_path / "first")).state_dict
+    run = Run(dataclasses.replace(TINY, init=str(tmp_path / "first")), torch.device("cpu"))
+    assert all(torch.equal(v, first[k].float()) for k, v in run.model.state_dict().items())
+    other = dataclasses.replace(TINY, init="builtin:tiny-wan")
+    with pytest.raises(MlaconvertError, match="not a model of the configuration"):
+        Run(other, torch.device("cpu"))
 
 
 def test_a_batch_is_the_world_noised_per_chunk_and_the_same_on_every_call():
