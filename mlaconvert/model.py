@@ -18,8 +18,10 @@ The residual stream and all modulation run in float32 as in Wan; linear layers r
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -34,8 +36,9 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.rope import Rotary, grid_positions, leading_rope_pairs
 
 
-# Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see and needs no L x L mask
-# in memory; "sdpa" takes a boolean mask; "auto" uses flex on CUDA.
+# Masked (block-causal, teacher-forcing) attention: "flex" skips the blocks nobody may see with a block-sparse
+# kernel; "sdpa" runs plain unmasked SDPA once per chunk over the contiguous keys it may see (ChunkSpans); neither
+# holds an L x L mask in memory. "auto" uses flex on CUDA.
 AttentionBackend = Literal["auto", "flex", "sdpa"]
 
 
@@ -125,7 +128,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         past: LayerKV | None = None,
-        mask: torch.Tensor | BlockMask | None = None,
+        mask: Mask | None = None,
     ) -> torch.Tensor:
         entries = self.entries(x)
         kv_positions = positions
@@ -136,8 +139,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(mask, BlockMask):
             out = _flex_attention(q.device.type)(q, k, v, block_mask=mask)
+        elif isinstance(mask, ChunkSpans):
+            out = span_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -285,7 +290,7 @@ class Block(nn.Module):
         context: torch.Tensor,
         positions: torch.Tensor,
         past: LayerKV | None,
-        mask: torch.Tensor | BlockMask | None,
+        mask: Mask | None,
     ) -> torch.Tensor:
         # e0 is per latent frame; x is modulated frame by frame through a (B, F, tokens_per_frame, dim) view.
         b, frames = e0.shape[:2]
@@ -419,7 +424,7 @@ class WanModel(nn.Module):
             positions = cache.query_positions
         elif chunk_frames is not None:
             latents, t, positions, mask = chunked_inputs(
-                latents, t, positions, first_frame, chunk_frames, clean, self.attention_backend
+                latents, t, positions, grid, first_frame, chunk_frames, clean, self.attention_backend
             )
         elif clean is not None:
             raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
@@ -446,11 +451,12 @@ def chunked_inputs(
     latents: torch.Tensor,
     t: torch.Tensor,
     positions: torch.Tensor,
+    grid: tuple[int, int, int],
     first_frame: int,
     chunk_frames: int,
     clean: torch.Tensor | None,
     backend: AttentionBackend,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | BlockMask]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Mask]:
     """The (latents, t, positions, mask) of a block-causal forward in chunks of `chunk_frames` latent frames.
 
     t is per latent frame (B, F), positions per token. With `clean` (teacher forcing) the clean clip is put before
@@ -458,18 +464,22 @@ def chunked_inputs(
     noisy chunk see the clean chunks before it and itself (see chunk_mask).
     """
     chunk = torch.div(positions[:, 0] - first_frame, chunk_frames, rounding_mode="floor")
-    if clean is not None:
+    teacher_forcing = clean is not None
+    if teacher_forcing:
         latents = torch.cat([clean.to(latents.dtype), latents], dim=2)
         t = torch.cat([torch.zeros_like(t), t], dim=1)
         positions = torch.cat([positions, positions])
     if backend == "auto":
         backend = "flex" if latents.is_cuda else "sdpa"
-    mask = chunk_mask(chunk, teacher_forcing=clean is not None, flex=backend == "flex")
-    return latents, t, positions, mask
+    if backend == "sdpa":
+        per_frame = grid[1] * grid[2]
+        bounds = (*(f * per_frame for f in range(0, grid[0], chunk_frames)), grid[0] * per_frame)
+        return latents, t, positions, ChunkSpans(bounds, teacher_forcing)
+    return latents, t, positions, chunk_mask(chunk, teacher_forcing=teacher_forcing)
 
 
-def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool, flex: bool) -> torch.Tensor | BlockMask:
-    """Who sees whom when frames run in chunks; chunk holds each token's chunk index.
+def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool) -> BlockMask:
+    """Who sees whom when frames run in chunks, as flex attention's block mask; chunk holds each token's chunk index.
 
     Block-causal: a token sees its own chunk and earlier ones. Teacher forcing: the sequence is the clean clip
     followed by its noisy copy; clean tokens are block-causal among themselves, a noisy token sees the clean chunks
@@ -485,10 +495,37 @@ def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool, flex: bool) -> tor
         q_noisy, kv_noisy = q >= n, kv >= n
         return torch.where(q_noisy, torch.where(kv_noisy, ckv == cq, ckv < cq), ~kv_noisy & (ckv <= cq))
 
-    if flex:
-        return create_block_mask(visible, None, None, full.numel(), full.numel(), device=full.device)
-    idx = torch.arange(full.numel(), device=full.device)
-    return visible(None, None, idx[:, None], idx[None, :])
+    return create_block_mask(visible, None, None, full.numel(), full.numel(), device=full.device)
+
+
+@dataclass(frozen=True)
+class ChunkSpans:
+    """chunk_mask's visibility as token spans: chunk c holds tokens [bounds[c], bounds[c+1]) of the clip.
+
+    Its queries see every key before bounds[c+1], one contiguous run, so unmasked SDPA per chunk computes exactly
+    what the mask asks — on any device, without an L x L mask. With teacher forcing the sequence is the clean clip
+    and then its noisy copy (bounds[-1] tokens each), and a noisy chunk sees the clean keys before bounds[c] plus
+    its own noisy chunk.
+    """
+
+    bounds: tuple[int, ...]
+    teacher_forcing: bool
+
+
+Mask = BlockMask | ChunkSpans
+
+
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: ChunkSpans) -> torch.Tensor:
+    """Attention of (B, heads, L, d) tensors under `spans`, one unmasked SDPA call per chunk (and per half)."""
+    n = spans.bounds[-1]
+    clean, noisy = [], []
+    for s, e in itertools.pairwise(spans.bounds):
+        clean.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+        if spans.teacher_forcing:
+            keys = torch.cat([k[:, :, :s], k[:, :, n + s : n + e]], dim=2)
+            values = torch.cat([v[:, :, :s], v[:, :, n + s : n + e]], dim=2)
+            noisy.append(F.scaled_dot_product_attention(q[:, :, n + s : n + e], keys, values))
+    return torch.cat(clean + noisy, dim=2)
 
 
 @functools.cache
