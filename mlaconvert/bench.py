@@ -12,17 +12,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from mlaconvert import __version__
 from mlaconvert.builtin import TINY_WAN
 from mlaconvert.config import MLAConfig, WanConfig, preset
-from mlaconvert.devices import choose_device
-from mlaconvert.errors import MlaconvertError
+from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.export import parameter_count
 from mlaconvert.model import WanModel
 from mlaconvert.progress import progress_bar
@@ -49,7 +49,6 @@ class BenchSettings:
     seed: int = 0
     variants: tuple[str, ...] = ("dense", "mla")
     compile: bool = False  # torch.compile the blocks of both variants
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
@@ -61,6 +60,7 @@ def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
 
 
 def random_model(config: WanConfig, device: torch.device, dtype: torch.dtype, seed: int) -> WanModel:
+    """Seeded random weights, built on `device` directly: a full-size model never passes through host memory."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanModel(config)
@@ -89,7 +89,7 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         "fps": batch * settings.chunk * FRAMES_PER_LATENT / latency,
         "peak_memory_gib": None if result.peak_memory is None else result.peak_memory / GiB,
         "cache_mib": result.cache_bytes / 2**20,
-        "cached_values_per_token": result.values_per_token[0],
+        "cached_values_per_token": cfg.kv_values_per_token(),
     }
 
 
@@ -104,13 +104,12 @@ def bench_output(settings: BenchSettings, device: str | None) -> Path:
     return Path(f"bench-{settings.preset}-{_bench_device(settings, device)[1].type}")
 
 
-def run_bench(settings: BenchSettings, *, device: str | None = None, on_result: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str, Any]:
     """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
 
     device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
     """
     dense_cfg, dev = _bench_device(settings, device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     latent_size = check_video_size(settings.height, settings.width, dense_cfg)
     configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}
     rows: list[dict[str, Any]] = []
@@ -126,44 +125,22 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, on_result: 
             return row
 
         for variant in settings.variants:
-            model = random_model(configs[variant], dev, dtype, settings.seed)
+            model = random_model(configs[variant], dev, default_dtype(dev), settings.seed)
             if settings.compile:
                 model.compile_blocks()
-            weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
             for window in settings.windows:
                 for chunk in settings.chunks:
                     sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
-                    frames = window + chunk * settings.timed_chunks
-                    if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
-                        measure(model, 1, window + chunk, latent_size, sampler)
-                    peaks = {}
-                    for batch in sorted(set(settings.batches) | {1, 2}):
-                        try:
-                            row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
-                        except torch.OutOfMemoryError:
-                            row = {"variant": variant, "batch": batch, "window": window, "chunk": chunk, "oom": True}
-                        torch.cuda.empty_cache()
-                        if batch in settings.batches:
-                            rows.append(row)
-                            if on_result:
-                                on_result(row)
-                        if not row.get("oom") and row["peak_memory_gib"] is not None:
-                            peaks[batch] = row["peak_memory_gib"]
+                    peaks = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
                     if 1 in peaks and 2 in peaks:
-                        per_stream = peaks[2] - peaks[1]
-                        fixed = peaks[1] - per_stream
-                        streams[f"{variant}/w{window}/c{chunk}"] = {
-                            "per_stream_gib": per_stream,
-                            "fixed_gib": fixed,
-                            "max_streams": int((settings.budget_gib - fixed) // per_stream) if per_stream > 0 else None,
-                        }
+                        streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib)
             if settings.long_seconds > 0:
-                frames = latent_frames_for(settings.long_seconds)
                 sampler = SamplerSettings.for_model(
                     dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
                 )
+                frames = latent_frames_for(settings.long_seconds)
                 long[variant] = {**measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
-            long.setdefault("weights_gib", {})[variant] = weights_gib
+            long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
             del model
             torch.cuda.empty_cache()
 
@@ -181,6 +158,41 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, on_result: 
     }
     report["ratios"] = _ratios(report)
     return report
+
+
+def _measure_batches(
+    measure: Callable[..., dict[str, Any]], model: WanModel, variant: str, sampler: SamplerSettings,
+    latent_size: tuple[int, int], settings: BenchSettings, rows: list[dict[str, Any]],
+) -> dict[int, float]:
+    """One (window, chunk) of one variant at every batch asked for, plus batches 1 and 2 for the per-stream
+    growth; appends the rows asked for and returns the peak memory (GiB) of each batch that has one."""
+    window, chunk = sampler.window, sampler.chunk
+    frames = window + chunk * settings.timed_chunks
+    if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
+        measure(model, 1, window + chunk, latent_size, sampler)
+    peaks = {}
+    for batch in sorted(set(settings.batches) | {1, 2}):
+        try:
+            row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
+        except torch.OutOfMemoryError:
+            row = {"variant": variant, "batch": batch, "window": window, "chunk": chunk, "oom": True}
+        torch.cuda.empty_cache()
+        if batch in settings.batches:
+            rows.append(row)
+        if not row.get("oom") and row["peak_memory_gib"] is not None:
+            peaks[batch] = row["peak_memory_gib"]
+    return peaks
+
+
+def _streams_in_budget(peaks: dict[int, float], budget_gib: float) -> dict[str, Any]:
+    """Streams that fit `budget_gib`, extrapolated from the peaks at batch 1 and 2."""
+    per_stream = peaks[2] - peaks[1]
+    fixed = peaks[1] - per_stream
+    return {
+        "per_stream_gib": per_stream,
+        "fixed_gib": fixed,
+        "max_streams": int((budget_gib - fixed) // per_stream) if per_stream > 0 else None,
+    }
 
 
 def _ratios(report: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +219,7 @@ def _ratios(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def print_bench(report: dict[str, Any], console) -> None:
+def print_bench(report: dict[str, Any], console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"dense vs MLA on {report['device']} ({report['mode']})", title_justify="left")

@@ -1,8 +1,8 @@
 """Streaming KV caches: preallocated sink frames plus a ring buffer of recent frames, for every layer.
 
 One class serves dense and latent attention alike: each attention module says what it stores per token
-(`cache_widths`: dense k and v, 2 x dim; latent c and r, dc + rope_dim), the cache only keeps those rows.
-`DenseKVCache` and `LatentKVCache` are the same storage checked against the model they are built for.
+(`cache_widths`: dense k and v, 2 x dim; latent c and r, dc + rope_dim), the cache only keeps those rows, so
+the sampler, `bench` and `eval` hold the same class whichever attention the model has.
 
 The window is the attention span in frames, the current chunk included (Self-Forcing's `local_attn_size`).
 A chunk's entries are written straight into the ring slots it will own, so a forward attends to the buffer
@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.model import LatentSelfAttention, WanModel
+from mlaconvert.model import WanModel
 from mlaconvert.rope import grid_positions
 
 
 class KVCache:
+    """Every layer's cached entries for a batch of streams; `step` plans each forward's view of them."""
+
     def __init__(
         self,
         model: WanModel,
@@ -36,17 +38,15 @@ class KVCache:
         window: int,
         sink: int = 0,
         positions: str = "absolute",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
     ):
-        """frame_shape: (rows, columns) of patch tokens in one latent frame; window and sink are in latent frames."""
+        """frame_shape: (rows, columns) of patch tokens in one latent frame; window and sink are in latent frames.
+        The buffers take the device and dtype of the model's weights."""
         if window < 1 or sink < 0 or sink >= window:
             raise MlaconvertError(f"need 0 <= sink < window (got sink {sink}, window {window})")
         if positions not in ("absolute", "reindex"):
             raise MlaconvertError(f"positions must be 'absolute' or 'reindex', not '{positions}'")
         param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        self.dtype = dtype or param.dtype
+        self.device, self.dtype = param.device, param.dtype
         self.batch, self.frame_shape, self.window, self.sink, self.positions = batch, frame_shape, window, sink, positions
         self.tokens_per_frame = frame_shape[0] * frame_shape[1]
         tokens = window * self.tokens_per_frame
@@ -60,15 +60,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
-
-    @property
-    def values_per_token(self) -> list[int]:
-        """Cached values per token for each layer."""
-        return [sum(t.shape[-1] for t in layer) for layer in self.layers]
-
-    def reset(self) -> None:
-        self.slot_frame = [-1] * self.window
-        self.frames_committed = 0
 
     def _slot(self, frame: int) -> int:
         if frame < self.sink:
@@ -145,25 +136,3 @@ class _LayerView:
             buf.index_copy_(1, self.step.write_index, e.to(buf.dtype))
         return tuple(buf[:, : self.step.n_tokens] for buf in stored), self.step.key_positions
 
-
-class DenseKVCache(KVCache):
-    """Per-head keys (normalised, unrotated) and values: 2 x dim values per token and layer."""
-
-    def __init__(self, model: WanModel, **kwargs):
-        if model.config.is_mla:
-            raise MlaconvertError("DenseKVCache needs a dense model; this one has latent attention (use LatentKVCache)")
-        super().__init__(model, **kwargs)
-
-
-class LatentKVCache(KVCache):
-    """Content latents c and unrotated rope keys r: dc + rope_dim values per token and layer."""
-
-    def __init__(self, model: WanModel, **kwargs):
-        if not isinstance(model.blocks[0].self_attn, LatentSelfAttention):
-            raise MlaconvertError("LatentKVCache needs an MLA model; this one is dense (use DenseKVCache)")
-        super().__init__(model, **kwargs)
-
-
-def cache_for(model: WanModel, **kwargs) -> KVCache:
-    """The cache that matches the model's attention."""
-    return LatentKVCache(model, **kwargs) if model.config.is_mla else DenseKVCache(model, **kwargs)

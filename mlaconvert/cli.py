@@ -92,19 +92,16 @@ def convert(
 
     Example: mlaconvert convert builtin:bouncing-balls --dc 32 -o bb-mla
     """
-    from mlaconvert.convert import ConvertSettings, convert_source, parse_dc
+    from mlaconvert.convert import convert_source
     from mlaconvert.rank import print_report
-    from mlaconvert.recipes import load_recipe, merge
+    from mlaconvert.recipes import convert_settings, load_recipe
 
     plan = load_recipe(recipe) if recipe else {}
     source = source or plan.get("source")
     if not source:
         raise MlaconvertError("give a SOURCE, or a --recipe that names one")
-    overrides = dict(dc=parse_dc(dc) if dc is not None else None, rope_dim=rope_dim, init=init, q_rank=q_rank, seed=seed, energy=energy, measure=measure)
-    section = dict(plan.get("convert", {}))
-    if isinstance(section.get("dc"), str):
-        section["dc"] = parse_dc(section["dc"])
-    settings = merge(ConvertSettings, section, overrides, "convert")
+    settings = convert_settings(plan, dc=dc, rope_dim=rope_dim, init=init, q_rank=q_rank, seed=seed, energy=energy, measure=measure)
+
     def left_behind() -> str:
         again = _rerun("--force") if output.exists() else shlex.join(["mlaconvert", *sys.argv[1:]])
         kept = f"'{output}' is as it was before" if output.exists() else f"nothing was written to '{output}'"

@@ -1,5 +1,5 @@
 """The one device policy of every command: CUDA when available, else the CPU — but never a full-size model on
-the CPU unless the user asked for it with --device cpu."""
+the CPU unless the user asked for it with --device cpu; and the one dtype a model runs in on each."""
 
 from __future__ import annotations
 
@@ -25,3 +25,9 @@ def choose_device(requested: str | None, params: int | None = None) -> torch.dev
             f"no CUDA device found and a {params / 1e9:.1f}B-parameter model on the CPU would take hours; pass --device cpu to run it anyway"
         )
     return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model runs in on `device`: bf16 on CUDA, as Wan's streaming models are trained and served;
+    float32 on the CPU, where bf16 matmuls are slow and the tiny models are checked to float precision."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -7,19 +7,27 @@
     rope_dim = 32
     init = "svd"
 
-Command-line options given explicitly override the recipe; the recipe overrides the built-in defaults.
+Command-line options given explicitly override the recipe; the recipe overrides the built-in defaults. The
+conversion from a recipe section (and overrides) to a stage's settings lives here, so Python users get what the
+CLI does: `convert_settings(load_recipe("tiny-wan"), dc="16,32")`.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.fields import check_types
+
+if TYPE_CHECKING:
+    from mlaconvert.convert import ConvertSettings
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # The keys a recipe may have at its top, and its sections with the settings dataclass each one fills (module,
@@ -91,3 +99,39 @@ def merge(settings_type: type, section: dict[str, Any], overrides: dict[str, Any
     check_section(settings_type, section, f"[{where}]", where)
     values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
     return settings_type(**values)
+
+
+def parse_dc(text: str) -> int | list[int] | str:
+    """dc in text (--dc, or a string in a recipe): an integer, `auto`, a comma-separated list, or a .json/.toml
+    file holding a list (or {dc = [...]})."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)+", text):
+        return [int(x) for x in text.split(",")]
+    path = Path(text)
+    if not path.is_file():
+        raise MlaconvertError(f"--dc must be an integer, 'auto', a comma list, or a .json/.toml file (got '{text}')")
+    try:
+        data: Any = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise MlaconvertError(f"could not parse --dc file '{path}': {e}") from None
+    if isinstance(data, dict):
+        data = data.get("dc")
+    if not isinstance(data, list) or not all(isinstance(x, int) for x in data):
+        raise MlaconvertError(f"--dc file '{path}' must hold a list of integers (or a table with dc = [...])")
+    return data
+
+
+def convert_settings(recipe: Mapping[str, Any] | None = None, **overrides: Any) -> ConvertSettings:
+    """ConvertSettings from a recipe's [convert] section, then the explicit (non-None) overrides; a dc given as
+    text, in either, is read by `parse_dc`."""
+    from mlaconvert.convert import ConvertSettings
+
+    section = dict((recipe or {}).get("convert", {}))
+    for values in (section, overrides):
+        if isinstance(values.get("dc"), str):
+            values["dc"] = parse_dc(values["dc"])
+    return merge(ConvertSettings, section, overrides, "convert")

@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
+from mlaconvert.cache import KVCache
 from mlaconvert.config import WanConfig
-from mlaconvert.devices import choose_device
-
-from mlaconvert.cache import cache_for
+from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.model import WanModel
 
@@ -104,7 +103,6 @@ class Rollout:
     latents: torch.Tensor  # (B, C, F, h, w), float32, on the CPU
     chunk_seconds: list[float] = field(default_factory=list)
     cache_bytes: int = 0
-    values_per_token: list[int] = field(default_factory=list)
     peak_memory: int | None = None
 
 
@@ -169,7 +167,7 @@ def rollout(
     positions = settings.positions
     if positions == "auto":
         positions = "absolute" if given + frames <= ROPE_TABLE else "reindex"
-    cache = cache_for(
+    cache = KVCache(
         model, batch=batch, frame_shape=(h // cfg.patch_size[1], w // cfg.patch_size[2]), window=settings.window,
         sink=settings.sink, positions=positions,
     )
@@ -179,7 +177,7 @@ def rollout(
     sigmas = [t / 1000.0 for t in warp_timesteps(settings.timesteps, settings.shift)]
     text = text.to(device, dtype)
     out = torch.empty(batch, cfg.out_dim, given + frames, h, w)
-    result = Rollout(latents=out, cache_bytes=cache.nbytes, values_per_token=cache.values_per_token)
+    result = Rollout(latents=out, cache_bytes=cache.nbytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -268,7 +266,7 @@ def sample(
     check_settings(settings, frames)
     params = sum(t.numel() for t in checkpoint.state_dict.values())
     dev = choose_device(device, params)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = default_dtype(dev)
     if given is not None:
         batch = given.shape[0]
     text, prompt_list = _text_embeddings(cfg, prompts, prompt_embeds, random_text, text_encoder, batch, settings.seed, dev)
@@ -362,7 +360,7 @@ def _video_sink(vae: str | None, folder: Path, batch: int, dev: torch.device, st
         return lambda _x0: None
     from mlaconvert.video import Mp4Writer, StreamingDecoder, load_vae
 
-    decoder = StreamingDecoder(load_vae(vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16))
+    decoder = StreamingDecoder(load_vae(vae, device=dev, dtype=default_dtype(dev)))
     names = ["video.mp4"] if batch == 1 else [f"video-{i}.mp4" for i in range(batch)]
     writers = [stack.enter_context(Mp4Writer(folder / name, fps=VIDEO_FPS)) for name in names]
 
@@ -374,7 +372,7 @@ def _video_sink(vae: str | None, folder: Path, batch: int, dev: torch.device, st
     return decode
 
 
-def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frames: int, size: tuple[int, int], dev: torch.device, total: float, prompts: list[str] | None) -> dict[str, Any]:
+def run_report(result: Rollout, spec: str, cfg: WanConfig, settings: SamplerSettings, frames: int, size: tuple[int, int], dev: torch.device, total: float, prompts: list[str] | None) -> dict[str, Any]:
     video_frames = frames * cfg.vae_stride[0] * result.latents.shape[0]
     rollout_seconds = sum(result.chunk_seconds)
     return {
@@ -391,7 +389,7 @@ def run_report(result: Rollout, spec: str, cfg, settings: SamplerSettings, frame
         "chunk_seconds": result.chunk_seconds,
         "peak_memory_bytes": result.peak_memory,
         "cache_bytes": result.cache_bytes,
-        "cached_values_per_token": result.values_per_token,
+        "cached_values_per_token": [cfg.kv_values_per_token(i) for i in range(cfg.num_layers)],
         "prompts": prompts,
     }
 

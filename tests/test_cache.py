@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlaconvert.cache import DenseKVCache, KVCache, LatentKVCache, cache_for
+from mlaconvert.cache import KVCache
 from mlaconvert.convert import ConvertSettings, convert_model
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.hub import load_source
@@ -29,6 +29,11 @@ def clip(seed: int = 0):
     return torch.randn(2, 4, FRAMES, H, W, generator=g), torch.randn(2, 32, 64, generator=g)
 
 
+def stored_widths(cache: KVCache) -> list[int]:
+    """Values per token each layer's buffers hold."""
+    return [sum(t.shape[-1] for t in layer) for layer in cache.layers]
+
+
 @pytest.mark.parametrize("kind", ["dense", "mla"])
 def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind):
     model = models[kind]
@@ -36,7 +41,7 @@ def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind):
     t = torch.tensor([[5.0] * FRAMES, [700.0] * FRAMES])
     with torch.no_grad():
         expected = model(x, t, text, chunk_frames=CHUNK)
-        cache = cache_for(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES)
+        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES)
         got = []
         for start in range(0, FRAMES, CHUNK):
             sl = slice(start, start + CHUNK)
@@ -44,7 +49,7 @@ def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind):
             model(torch.randn_like(x[:, :, sl]), torch.full((2, CHUNK), 999.0), text, cache=cache.step(CHUNK, commit=False))
             got.append(model(x[:, :, sl], t[:, sl], text, cache=cache.step(CHUNK, commit=True)))
     torch.testing.assert_close(torch.cat(got, dim=2), expected, atol=2e-5, rtol=1e-5)
-    assert isinstance(cache, LatentKVCache if kind == "mla" else DenseKVCache)
+    assert stored_widths(cache) == [model.config.kv_values_per_token(i) for i in range(model.config.num_layers)]
 
 
 @pytest.mark.parametrize("kind", ["dense", "mla"])
@@ -56,7 +61,7 @@ def test_teacher_forcing_equals_noisy_chunks_against_a_cache_of_clean_ones(model
     t = torch.tensor([[900.0] * CHUNK + [500.0] * CHUNK + [100.0] * CHUNK] * 2)
     with torch.no_grad():
         expected = model(noisy, t, text, chunk_frames=CHUNK, clean=clean)
-        cache = cache_for(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES)
+        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES)
         got = []
         for start in range(0, FRAMES, CHUNK):
             sl = slice(start, start + CHUNK)
@@ -66,10 +71,10 @@ def test_teacher_forcing_equals_noisy_chunks_against_a_cache_of_clean_ones(model
 
 
 def test_latent_cache_stores_dc_plus_rope_values(models):
-    dense = cache_for(models["dense"], batch=1, frame_shape=(2, 3), window=4)
-    latent = cache_for(models["mla"], batch=1, frame_shape=(2, 3), window=4)
-    assert dense.values_per_token == [2 * 192] * 2
-    assert latent.values_per_token == [48 + 16] * 2
+    dense = KVCache(models["dense"], batch=1, frame_shape=(2, 3), window=4)
+    latent = KVCache(models["mla"], batch=1, frame_shape=(2, 3), window=4)
+    assert stored_widths(dense) == [2 * 192] * 2
+    assert stored_widths(latent) == [48 + 16] * 2
     assert latent.nbytes * 6 == dense.nbytes
 
 
@@ -94,7 +99,7 @@ def test_reindexed_positions_equal_absolute_until_the_window_slides(models):
     outs = {}
     with torch.no_grad():
         for mode in ("absolute", "reindex"):
-            cache = cache_for(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES, positions=mode)
+            cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES, positions=mode)
             outs[mode] = [model(x[:, :, s : s + CHUNK], t[:, :CHUNK], text, cache=cache.step(CHUNK, commit=True)) for s in range(0, FRAMES, CHUNK)]
     for a, b in zip(outs["absolute"], outs["reindex"]):
         assert torch.equal(a, b)
@@ -106,8 +111,6 @@ def test_cache_rejects_bad_windows(models):
     cache = KVCache(models["dense"], batch=1, frame_shape=(2, 2), window=4, sink=2)
     with pytest.raises(MlaconvertError, match="does not fit"):
         cache.step(3, commit=False)
-    with pytest.raises(MlaconvertError, match="needs an MLA model"):
-        LatentKVCache(models["dense"], batch=1, frame_shape=(2, 2), window=4)
 
 
 def test_reindexed_positions_stay_inside_the_window_for_any_length(models):

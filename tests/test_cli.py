@@ -9,6 +9,7 @@ import pytest
 import typer
 
 from mlaconvert import __version__
+from mlaconvert.errors import MlaconvertError
 
 
 @pytest.mark.parametrize("command", ["analyze", "convert", "finetune", "sample", "eval", "bench", "pretrain"])
@@ -42,10 +43,17 @@ def test_usage_errors_name_the_option_and_show_the_usage(cli, args, message):
         assert "--frames" in r.stderr.split("No such option")[1]  # the suggestion
 
 
-def test_a_bug_shows_its_traceback(cli, monkeypatch):
+def test_a_bug_shows_its_traceback_and_a_user_error_stays_one_line(cli, monkeypatch):
     monkeypatch.setattr("mlaconvert.rank.analyze_source", lambda *a, **k: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError):  # out of main() uncaught: Python prints the traceback
         cli("analyze", "builtin:tiny-wan")
+
+    def refuse(*_a, **_k):
+        raise MlaconvertError("the same place, a problem with the input")
+
+    monkeypatch.setattr("mlaconvert.rank.analyze_source", refuse)
+    r = cli("analyze", "builtin:tiny-wan")
+    assert r.returncode == 1 and r.stderr.strip() == "error: the same place, a problem with the input"
 
 
 def test_an_interrupted_convert_exits_130_and_says_how_to_redo_it(cli, tmp_path, monkeypatch):

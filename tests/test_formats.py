@@ -15,14 +15,15 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.formats import (
     config_from_dict,
     diffusers_config_to_wan,
-    diffusers_to_native,
     infer_config,
-    native_shapes,
-    native_to_diffusers,
     read_checkpoint,
     save_native,
+)
+from mlaconvert.naming import (
+    diffusers_to_native,
+    native_shapes,
+    native_to_diffusers,
     strip_wrappers,
-    wan_config_to_diffusers,
 )
 
 # Verbatim config.json files of the official releases (Wan-AI/Wan2.1-T2V-1.3B and its -Diffusers twin).
@@ -44,13 +45,6 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
     for key, tensor in expected.items():
         assert actual[key].dtype == tensor.dtype, key
         assert torch.equal(actual[key], tensor), key
-
-
-@pytest.fixture
-def diffusers_model(tiny_config):
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(**wan_config_to_diffusers(tiny_config))
 
 
 # --- names and shapes -----------------------------------------------------------------------------------

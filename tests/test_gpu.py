@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mlaconvert.cache import cache_for
+from mlaconvert.cache import KVCache
 from mlaconvert.convert import ConvertSettings, convert_model
 from mlaconvert.hub import load_source
 from mlaconvert.model import load_model
@@ -49,7 +49,7 @@ def test_cached_chunks_equal_block_causal_forward_on_gpu(tiny, tiny_mla, kind):
     t = torch.full((2, 6), 300.0, device="cuda")
     with torch.no_grad():
         expected = model(x, t, text, chunk_frames=2)
-        cache = cache_for(model, batch=2, frame_shape=(2, 3), window=6)
+        cache = KVCache(model, batch=2, frame_shape=(2, 3), window=6)
         got = torch.cat([model(x[:, :, s : s + 2], t[:, :2], text, cache=cache.step(2, commit=True)) for s in (0, 2, 4)], dim=2)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from mlaconvert.convert import ConvertSettings
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.recipes import RECIPES_DIR, load_recipe, merge
+from mlaconvert.recipes import RECIPES_DIR, convert_settings, load_recipe, merge
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -36,6 +36,17 @@ def test_explicit_options_override_and_unknown_keys_are_refused():
     with pytest.raises(MlaconvertError, match="no such recipe"):
         load_recipe("no-such-recipe")
 
+
+def test_convert_settings_read_dc_text_from_the_recipe_and_the_overrides(tmp_path):
+    """What `convert --recipe` does, for Python users: the recipe's section, dc text parsed, then overrides."""
+    recipe = {"source": "builtin:tiny-wan", "convert": {"dc": "16, 32", "init": "asvd"}}
+    settings = convert_settings(recipe, rope_dim=16, init=None)
+    assert (settings.dc, settings.init, settings.rope_dim) == ([16, 32], "asvd", 16)
+    (tmp_path / "dc.json").write_text("[8, 24]")
+    assert convert_settings(recipe, dc=str(tmp_path / "dc.json")).dc == [8, 24]
+    assert convert_settings(dc="auto").dc == "auto" and convert_settings().dc == 192
+    with pytest.raises(MlaconvertError, match="--dc must be an integer"):
+        convert_settings(dc="")
 
 def test_old_keys_say_what_replaced_them():
     from mlaconvert.finetune import FinetuneSettings
