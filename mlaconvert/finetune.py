@@ -6,6 +6,7 @@ The pieces it is made of:
     clips.py         the clips: a --data folder, the built-in world, or the teacher's own rollouts (cached)
     training_run.py  the run folder: seeded draws, log, checkpoints that resume exactly, publishing the export
     processes.py     torchrun's processes (DDP): each takes its rows of the global batch; only rank 0 writes
+    finetune_report.py  teacher agreement and rank utilisation before and after, and the report's finetune section
 
 The output folder is the run and the export at once:
     OUT/train_log.jsonl   one row per optimizer step; `eval_loss` at step 0, every `eval_every` steps and the end
@@ -36,14 +37,15 @@ from mlaconvert.clips import Clips, training_clips
 from mlaconvert.config import WanConfig
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.formats import Checkpoint
-from mlaconvert.model import WanModel, load_model
 from mlaconvert.finetune_report import finetune_section, measure_student
-from mlaconvert.objective import TIMESTEP_MODES, TRAIN_MODES, AttentionOutputs, chunk_timesteps, distill_loss, set_trainable
+from mlaconvert.model import WanModel, load_model
+from mlaconvert.objective import (TIMESTEP_MODES, TRAIN_MODES, AttentionOutputs, autocast_for, chunk_timesteps, distill_loss,
+                                  held_out_loss, set_trainable)
 from mlaconvert.outputs import write_json
 from mlaconvert.processes import Processes, processes
 from mlaconvert.sampling import SamplerSettings
 from mlaconvert.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
-                                     prepare_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
+                                     check_output, clear_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
 
 AGREEMENT_NAME = "agreement.json"
 # Settings that change how a run is carried out but not what it computes; a resume may change them.
@@ -178,11 +180,6 @@ def load_pair(model: str, teacher: str | None = None) -> tuple[Checkpoint, Check
     return student, dense
 
 
-def autocast_for(device: torch.device) -> Any:
-    """bf16 compute with fp32 master weights on CUDA; plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class Trainer:
     """Student, teacher, optimizer and schedule of one run; `step` does one optimizer step over the global batch."""
 
@@ -258,7 +255,7 @@ class Trainer:
         seconds = time.perf_counter() - tic  # reading the losses back waited for the device
         # Tokens the student processes: each clip runs twice, clean (context) and noisy.
         tokens = s.batch * 2 * clean[0, 0].numel() // math.prod(self.student.config.patch_size)
-        row = {"step": self.step_count, **dict(zip(sums, means)), "lr": lr, "grad_norm": float(grad_norm),
+        row = {"step": self.step_count, **dict(zip(sums, means, strict=True)), "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_s": tokens / seconds, "seconds": seconds}
         if procs.device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(procs.device) / 2**30
@@ -266,8 +263,7 @@ class Trainer:
 
     def held_out_loss(self) -> float:
         """The objective on the held-out clips with the run's fixed draw (see `held_out_loss`)."""
-        micro = max(1, self.settings.batch // (self.procs.world * self.settings.accumulate))
-        return held_out_loss(self.student, self.teacher, self.clips, self.settings, micro, self.procs.device)
+        return held_out_loss(self.student, self.teacher, self.clips, self.settings, self.procs.device, self.procs.world)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the trained weights, the optimizer and schedule, and the position in the data."""
@@ -287,27 +283,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count, self.data_position = state["step"], state["data_position"]
-
-
-@torch.no_grad()
-def held_out_loss(student: WanModel, teacher: WanModel, clips: Clips, settings: FinetuneSettings, micro: int,
-                  device: torch.device) -> float:
-    """The objective on the held-out clips with noise and timesteps drawn once for the run: unlike the training
-    loss, a fresh draw each step, its values differ only by the weights, so they can be compared. `micro` clips
-    at a time, no more memory than a training micro-batch."""
-    s = settings
-    clean, text = clips.latents[-s.held_out :], clips.text[-s.held_out :]
-    generator = torch.Generator().manual_seed(derived_seed(s.seed, "eval", 0))
-    timesteps = chunk_timesteps(s, clean.shape[0], clean.shape[2], generator)
-    noise = torch.randn(clean.shape, generator=generator)
-    total = 0.0
-    for start in range(0, clean.shape[0], micro):
-        part = [x[start : start + micro].to(device) for x in (clean, text, noise, timesteps)]
-        with autocast_for(device):
-            loss, _ = distill_loss(student, teacher, *part, chunk=s.sampler.chunk, layer_loss_weight=s.layer_loss_weight,
-                                   student_attn=AttentionOutputs(student), teacher_attn=AttentionOutputs(teacher))
-        total += float(loss) * part[0].shape[0]
-    return total / clean.shape[0]
 
 
 def finetune(
@@ -375,12 +350,13 @@ class RunState:
 def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processes, progress: Any, *, teacher: str | None,
            data: str | Path | None, prompts: list[str] | None, encoder: str | None, cache_dir: str | Path | None,
            resume: bool, force: bool) -> RunState:
-    """Start or resume. Every process loads the models; rank 0 checks the output folder, makes the clips (the
-    teacher's are generated unless cached), checks a resumed run is this one, measures the student before
-    training (or reads what the checkpoint measured) and opens the log; then every process builds its trainer
-    on the same clips and loads the checkpoint."""
+    """Start or resume. Every process checks the output folder and loads the models; rank 0 clears an earlier
+    run (--force), makes the clips (the teacher's are generated unless cached), checks a resumed run is this
+    one, measures the student before training (or reads what the checkpoint measured) and opens the log; then
+    every process builds its trainer on the same clips and loads the checkpoint."""
     from mlaconvert.convert import weights_sha256
 
+    check_output(output, force=force, resume=resume)
     student_ckpt, teacher_ckpt = load_pair(model, teacher)
     config, dev = student_ckpt.config, procs.device
     settings = settings.for_model(config)
@@ -395,7 +371,8 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
                               prompts=prompts, encoder=encoder, device=dev, progress=progress)
 
     def open_run() -> tuple[Clips, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-        prepare_output(output, force=force, resume=resume, products=(AGREEMENT_NAME,))
+        if not resume:
+            clear_output(output, products=(AGREEMENT_NAME,))
         made = clips()
         fingerprint = {
             "model": weights_sha256(student_ckpt.files), "teacher": teacher_sha, "config": config.to_dict(),
@@ -409,8 +386,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
         before = saved["before"] if resume else measure_student(student, teacher_model, made, settings, autocast_for(dev))
         rows = trim_log(output / LOG_NAME, saved["step"])
         if not rows:
-            micro = max(1, settings.batch // (procs.world * settings.accumulate))
-            rows.append({"step": 0, "eval_loss": held_out_loss(student, teacher_model, made, settings, micro, dev)})
+            rows.append({"step": 0, "eval_loss": held_out_loss(student, teacher_model, made, settings, dev, procs.world)})
             append_row(output / LOG_NAME, rows[0])
         return made, fingerprint, before, rows
 

@@ -4,7 +4,8 @@ A clip of F latent frames is cut into chunks; each chunk is noised to its own ti
 warped list, or uniformly between its ends), noisy = (1-σ) x0 + σ ε with σ = t/1000, and attends to the clean
 earlier chunks in one forward (`model(noisy, t, text, chunk_frames=, clean=)`, which equals the cached
 rollout). The student (MLA) matches the teacher's flow prediction v = ε - x0 (MSE), optionally also every
-layer's self-attention output. Also here: which of the student's tensors learn, and the FLOPs of one step.
+layer's self-attention output. Also here: which of the student's tensors learn, the precision of the
+objective, its value on the held-out clips, and the FLOPs of one step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,10 @@ from torch import nn
 from mlaconvert.config import WanConfig
 from mlaconvert.model import WanModel
 from mlaconvert.sampling import warp_timesteps
+from mlaconvert.training_run import derived_seed
 
 if TYPE_CHECKING:
+    from mlaconvert.clips import Clips
     from mlaconvert.finetune import FinetuneSettings
 
 TRAIN_MODES = ("mla", "attn", "all")
@@ -135,6 +138,32 @@ def chunk_timesteps(settings: FinetuneSettings, rows: int, frames: int, generato
         low, high = float(steps.min()), float(steps.max())
         t = low + (high - low) * torch.rand(rows, chunks, generator=generator)
     return t.repeat_interleave(sampler.chunk, dim=1)[:, :frames]
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 compute with fp32 master weights on CUDA; plain fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def held_out_loss(student: WanModel, teacher: WanModel, clips: Clips, settings: FinetuneSettings, device: torch.device,
+                  processes: int = 1) -> float:
+    """The objective on the held-out clips with noise and timesteps drawn once for the run: unlike the training
+    loss, a fresh draw each step, its values differ only by the weights, so they can be compared."""
+    s = settings
+    micro = max(1, s.batch // (processes * s.accumulate))  # no more memory than a training micro-batch
+    clean, text = clips.latents[-s.held_out :], clips.text[-s.held_out :]
+    generator = torch.Generator().manual_seed(derived_seed(s.seed, "eval", 0))
+    timesteps = chunk_timesteps(s, clean.shape[0], clean.shape[2], generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    total = 0.0
+    for start in range(0, clean.shape[0], micro):
+        part = [x[start : start + micro].to(device) for x in (clean, text, noise, timesteps)]
+        with autocast_for(device):
+            loss, _ = distill_loss(student, teacher, *part, chunk=s.sampler.chunk, layer_loss_weight=s.layer_loss_weight,
+                                   student_attn=AttentionOutputs(student), teacher_attn=AttentionOutputs(teacher))
+        total += float(loss) * part[0].shape[0]
+    return total / clean.shape[0]
 
 
 def count_step_flops(config: WanConfig, settings: FinetuneSettings, frames: int, latent_size: tuple[int, int]) -> int:

@@ -46,7 +46,9 @@ class Processes:
         try:
             result = work()
         except BaseException:  # an interrupt too: the others must not wait for a rank 0 that stopped
-            self._agree(failed=True)
+            # Peers a Ctrl-C stopped as well are gone: the error to report is this one, not the failed barrier.
+            with contextlib.suppress(Exception):
+                self._agree(failed=True)
             raise
         self._agree(failed=False)
         return result

@@ -102,9 +102,9 @@ def check_same_run(output: Path, saved: dict[str, Any], current: dict[str, Any])
         )
 
 
-def prepare_output(output: Path, *, force: bool, resume: bool, products: Iterable[str] = ()) -> None:
-    """Check the run folder fits the request: --resume needs a checkpoint, a fresh start must not hit one
-    unless --force, which removes the earlier run's log, plot, checkpoint and `products`."""
+def check_output(output: Path, *, force: bool, resume: bool) -> None:
+    """Refuse, before any model is loaded, what the run folder cannot do: --resume needs a checkpoint, and a
+    fresh start must not meet one unless --force."""
     if resume and force:
         raise MlaconvertError("--resume continues the run in the output folder and --force starts it over: pass one")
     if resume:
@@ -113,11 +113,14 @@ def prepare_output(output: Path, *, force: bool, resume: bool, products: Iterabl
     if not force and (output / CHECKPOINT_DIR / "state.pt").is_file():
         raise MlaconvertError(f"'{output}' already holds a finetune run: pass --resume to continue it from its checkpoint, or --force to start over")
     check_writable(output, force)
-    if output.exists():
-        # Starting over: the earlier run's state goes; its cached clips stay (they are keyed by what made them).
-        for name in (LOG_NAME, LOSS_PLOT, *products):
-            (output / name).unlink(missing_ok=True)
-        shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def clear_output(output: Path, products: Iterable[str] = ()) -> None:
+    """Starting over: the earlier run's log, plot, checkpoint and `products` go; its cached clips stay (they are
+    keyed by what made them)."""
+    for name in (LOG_NAME, LOSS_PLOT, *products):
+        (output / name).unlink(missing_ok=True)
+    shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def trim_log(path: Path, step: int) -> list[dict[str, Any]]:

@@ -162,20 +162,23 @@ def test_two_processes_make_the_update_of_one(work: Path) -> None:
     assert any(not torch.equal(one[n], weights(work / "mla")[n]) for n in one)
 
 
-def test_a_failure_on_rank_0_ends_every_process_at_once(work: Path) -> None:
+def test_a_failure_on_rank_0_ends_every_process_at_once(work: Path, tmp_path: Path) -> None:
     # Two plain processes, no torchrun agent to stop the second: rank 0's failure itself must reach it (here in the
-    # section rank 0 runs alone: --resume finds nothing), not the group's hours-long timeout.
+    # section rank 0 runs alone: reading a bad --data folder), not the group's hours-long timeout.
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    save_file({"latents": torch.zeros(3, 5, 6, 8, 8), "prompt_embeds": torch.zeros(3, 32, 64)}, clips / "x.safetensors")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    command = [sys.executable, "-m", "mlaconvert", "finetune", str(work / "mla"), "-o", str(work / "nothing"), "--resume",
+    command = [sys.executable, "-m", "mlaconvert", "finetune", str(work / "mla"), "-o", str(tmp_path / "out"), "--data", str(clips),
                "--device", "cpu", "--batch", "2"]
     ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     errors = [rank.communicate(timeout=120)[1] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [1, 1]
-    assert "nothing to resume" in errors[0]
+    assert "4 channels" in errors[0]
     assert errors[1].strip().count("\n") == 0 and "process 0 failed" in errors[1]
 
 
