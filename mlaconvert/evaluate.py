@@ -115,7 +115,7 @@ def world_truth(config: WanConfig, settings: EvalSettings, frames: int) -> Truth
 
 def data_truth(folder: str | Path, config: WanConfig, settings: EvalSettings, chunk: int, prefix: int) -> Truth:
     """The first `settings.clips` clips of a `finetune --data` folder."""
-    from mlaconvert.finetune import load_clips
+    from mlaconvert.clips import load_clips
 
     clips = load_clips(folder, config, chunk)
     if clips.latents.shape[2] < prefix + 1:

@@ -38,12 +38,11 @@ from torch import nn
 from mlaconvert import world
 from mlaconvert.config import SamplerDefaults, WanConfig
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.finetune import _trim_log, derived_seed, noised, warmup_cosine
 from mlaconvert.model import WanModel
+from mlaconvert.objective import noised
 from mlaconvert.outputs import atomic_dir, check_writable, write_json
 from mlaconvert.sampling import SamplerSettings, rollout
-
-LOG_NAME, LOSS_PLOT, CHECKPOINT_DIR = "train_log.jsonl", "loss.png", "checkpoint"
+from mlaconvert.training_run import CHECKPOINT_DIR, LOG_NAME, LOSS_PLOT, derived_seed, trim_log, warmup_cosine
 
 # The built-in world model: Wan's architecture at a size that trains in minutes on one GPU and ships in ~14 MB.
 WORLD_MODEL = WanConfig(
@@ -290,7 +289,7 @@ def pretrain(
     fingerprint = fingerprint_of(settings)
     if resume:
         run.load(checkpoint, fingerprint)
-    rows = _trim_log(output / LOG_NAME, run.step_count)
+    rows = trim_log(output / LOG_NAME, run.step_count)
     start = time.perf_counter()
     with open(output / LOG_NAME, "a") as log:
         while run.step_count < settings.max_steps:

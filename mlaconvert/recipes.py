@@ -87,7 +87,7 @@ def check_section(settings: type, section: dict[str, Any], where: str, name: str
     for key in section:
         if key in RENAMED.get(name, {}):
             raise MlaconvertError(f"{where} {key} was replaced by {RENAMED[name][key]}")
-    known = {f.name for f in fields(settings)}
+    known = {f.name for f in fields(settings) if f.metadata.get("recipe", True)}
     unknown = set(section) - known
     if unknown:
         raise MlaconvertError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

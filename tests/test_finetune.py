@@ -1,5 +1,6 @@
 """finetune: distillation really closes the gap to the teacher, trains only what it is told to, resumes
-bit-exactly, gives one process's update when split over two, and refuses bad input with one line.
+bit-exactly, gives one process's update when split over two (and stops both when one fails), and refuses bad
+input with one line.
 
 Everything runs the built-in tiny model converted at dc 32 on 6-frame 8x8-latent clips; the teacher-generated
 clips are made once per module and reused through the cache folder, as a second run would.
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,26 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlaconvert.builtin import TINY_WAN, make_tiny_wan
+from mlaconvert.clips import Clips
 from mlaconvert.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.finetune import (
-    AttentionOutputs,
-    Clips,
-    Processes,
-    Trainer,
-    derived_seed,
-    FinetuneSettings,
-    chunk_timesteps,
-    distill_loss,
-    _set_trainable,
-    finetune,
-    load_pair,
-    mla_parameter_names,
-    trainable_names,
-)
+from mlaconvert.finetune import FinetuneSettings, Trainer, finetune, load_pair
 from mlaconvert.formats import save_native
 from mlaconvert.hub import load_source
 from mlaconvert.model import load_model
+from mlaconvert.objective import AttentionOutputs, chunk_timesteps, distill_loss, mla_parameter_names, set_trainable, trainable_names
+from mlaconvert.processes import Processes
+from mlaconvert.training_run import derived_seed
 
 SMALL = FinetuneSettings(max_steps=6, batch=2, lr=1e-3, warmup=2, clips=6, held_out=2, frames=6, height=64, width=64,
                          checkpoint_every=2)
@@ -170,6 +162,26 @@ def test_two_processes_make_the_update_of_one(work: Path) -> None:
     assert any(not torch.equal(one[n], weights(work / "mla")[n]) for n in one)
 
 
+def test_a_failure_on_rank_0_ends_every_process_at_once(work: Path, tmp_path: Path) -> None:
+    # Two plain processes, no torchrun agent to stop the second: rank 0's failure itself must reach it (here in the
+    # section rank 0 runs alone: reading a bad --data folder), not the group's hours-long timeout.
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    save_file({"latents": torch.zeros(3, 5, 6, 8, 8), "prompt_embeds": torch.zeros(3, 32, 64)}, clips / "x.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    command = [sys.executable, "-m", "mlaconvert", "finetune", str(work / "mla"), "-o", str(tmp_path / "out"), "--data", str(clips),
+               "--device", "cpu", "--batch", "2"]
+    ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [1, 1]
+    assert "4 channels" in errors[0]
+    assert errors[1].strip().count("\n") == 0 and "process 0 failed" in errors[1]
+
+
 def test_cli_finetunes_the_builtin_and_refuses_to_overwrite(work: Path) -> None:
     command = [
         sys.executable, "-m", "mlaconvert", "finetune", str(work / "mla"), "-o", str(work / "cli"), "--recipe", "recipes/tiny-wan.toml",
@@ -220,9 +232,9 @@ def test_each_chunk_gets_one_timestep_from_the_sampler() -> None:
 
 def test_the_sampler_defaults_to_the_models_own_and_options_override_it() -> None:
     own = SMALL.for_model(TINY_WAN)
-    assert (own.chunk, own.sampler_timesteps, own.shift) == (3, (1000.0, 750.0, 500.0, 250.0), 5.0)
+    assert (own.sampler.chunk, own.sampler.timesteps, own.sampler.shift) == (3, (1000.0, 750.0, 500.0, 250.0), 5.0)
     two = dataclasses.replace(SMALL, sampler_steps=2, shift=1.0).for_model(TINY_WAN)
-    assert two.sampler_timesteps == (1000.0, 500.0) and two.shift == 1.0
+    assert two.sampler.timesteps == (1000.0, 500.0) and two.sampler.shift == 1.0
     with pytest.raises(MlaconvertError, match="--steps and --timesteps"):
         dataclasses.replace(SMALL, sampler_steps=2, sampler_timesteps=(1000, 500)).for_model(TINY_WAN)
 
@@ -232,7 +244,7 @@ def test_train_mla_trains_every_tensor_conversion_creates(q_rank: int | None) ->
     dense = load_source("builtin:tiny-wan")
     mla = convert_model(dense, ConvertSettings(dc=32, rope_dim=16, q_rank=q_rank, measure=False))
     student = load_model(mla.config, mla.state_dict)
-    trained = set(_set_trainable(student, "mla"))
+    trained = set(set_trainable(student, "mla"))
     # Independent of the code under test: the tensors the export has and the dense source has not, by name.
     created = set(mla.state_dict) - set(dense.state_dict)
     assert trained == created
@@ -290,7 +302,7 @@ def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
 
 
 def test_loss_picture_names_every_curve() -> None:
-    from mlaconvert.finetune import loss_figure
+    from mlaconvert.training_run import loss_figure
 
     rows = [{"step": 0, "eval_loss": 0.5}] + [{"step": s, "loss": 1 / s, "flow_loss": 1 / s, "lr": 1e-3, "eval_loss": 0.4} for s in (1, 2)]
     fig = loss_figure(rows)
