@@ -37,6 +37,7 @@ from torch import nn
 
 from mlaconvert import world
 from mlaconvert.config import SamplerDefaults, WanConfig
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.model import WanModel
 from mlaconvert.objective import noised
@@ -284,7 +285,7 @@ def pretrain(
         if output.exists():
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = choose_device(device)
     run = Run(settings, dev)
     fingerprint = fingerprint_of(settings)
     if resume:
