@@ -236,7 +236,7 @@ class Trainer:
                 with self.autocast:
                     loss, parts = distill_loss(
                         self.module, self.teacher, *(x[rows].to(procs.device) for x in (clean, text, noise, timesteps)),
-                        chunk=s.sampler.chunk, layer_loss_weight=s.layer_loss_weight,
+                        sampler=s.sampler, layer_loss_weight=s.layer_loss_weight,
                         student_attn=self.student_attn, teacher_attn=self.teacher_attn,
                     )
                 # Mean over the global batch: each micro-batch weighs 1/accumulate here, DDP averages the ranks.

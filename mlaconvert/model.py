@@ -397,6 +397,7 @@ class WanModel(nn.Module):
         *,
         first_frame: int = 0,
         chunk_frames: int | None = None,
+        window: int | None = None,
         cache: KVStep | None = None,
         clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -404,6 +405,8 @@ class WanModel(nn.Module):
 
         timestep: (B,) or per latent frame (B, F). first_frame: absolute index of the first latent frame (RoPE).
         chunk_frames: run block-causally, chunks of that many frames attending to themselves and earlier chunks.
+        window: with chunk_frames, each chunk sees only the last `window` frames up to its own last one — what a
+            sampler's cache of that window holds once it slides; None = every earlier frame.
         cache: a KVStep from a cache (see cache.py); the frames then attend to what it holds plus themselves.
         clean: teacher forcing (needs chunk_frames). The clean clip runs alongside at t = 0 and each noisy chunk
             attends to the clean chunks before it and to itself — in one forward, what the cached rollout does
@@ -424,7 +427,7 @@ class WanModel(nn.Module):
             positions = cache.query_positions
         elif chunk_frames is not None:
             latents, t, positions, mask = chunked_inputs(
-                latents, t, positions, grid, first_frame, chunk_frames, clean, self.attention_backend
+                latents, t, positions, grid, first_frame, chunk_frames, window, clean, self.attention_backend
             )
         elif clean is not None:
             raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
@@ -454,6 +457,7 @@ def chunked_inputs(
     grid: tuple[int, int, int],
     first_frame: int,
     chunk_frames: int,
+    window: int | None,
     clean: torch.Tensor | None,
     backend: AttentionBackend,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Mask]:
@@ -463,7 +467,10 @@ def chunked_inputs(
     the noisy one at t = 0 with the same positions, since both stand for the same frames; the mask then lets each
     noisy chunk see the clean chunks before it and itself (see chunk_mask).
     """
-    chunk = torch.div(positions[:, 0] - first_frame, chunk_frames, rounding_mode="floor")
+    if window is not None and window < chunk_frames:
+        raise MlaconvertError(f"a window of {window} frames cannot hold a chunk of {chunk_frames}")
+    frames = grid[0]
+    frame = positions[:, 0] - first_frame
     teacher_forcing = clean is not None
     if teacher_forcing:
         latents = torch.cat([clean.to(latents.dtype), latents], dim=2)
@@ -473,27 +480,34 @@ def chunked_inputs(
         backend = "flex" if latents.is_cuda else "sdpa"
     if backend == "sdpa":
         per_frame = grid[1] * grid[2]
-        bounds = (*(f * per_frame for f in range(0, grid[0], chunk_frames)), grid[0] * per_frame)
-        return latents, t, positions, ChunkSpans(bounds, teacher_forcing)
-    return latents, t, positions, chunk_mask(chunk, teacher_forcing=teacher_forcing)
+        ends = [min(f + chunk_frames, frames) for f in range(0, frames, chunk_frames)]
+        first = [max(0, e - window) if window is not None else 0 for e in ends]
+        return latents, t, positions, ChunkSpans((0, *(e * per_frame for e in ends)), teacher_forcing,
+                                                 tuple(f * per_frame for f in first))
+    return latents, t, positions, chunk_mask(frame, chunk_frames, window, teacher_forcing=teacher_forcing)
 
 
-def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool) -> BlockMask:
-    """Who sees whom when frames run in chunks, as flex attention's block mask; chunk holds each token's chunk index.
+def chunk_mask(frame: torch.Tensor, chunk_frames: int, window: int | None, *, teacher_forcing: bool) -> BlockMask:
+    """Who sees whom when frames run in chunks, as flex attention's block mask; frame holds each token's frame.
 
-    Block-causal: a token sees its own chunk and earlier ones. Teacher forcing: the sequence is the clean clip
-    followed by its noisy copy; clean tokens are block-causal among themselves, a noisy token sees the clean chunks
-    before its own and its own noisy chunk — what a cached rollout does chunk by chunk.
+    Block-causal: a token sees its own chunk and earlier ones, back to `window` frames before its chunk's end.
+    Teacher forcing: the sequence is the clean clip followed by its noisy copy; clean tokens are block-causal among
+    themselves, a noisy token sees the clean chunks before its own and its own noisy chunk — what a cached rollout
+    does chunk by chunk.
     """
-    n = chunk.numel()
-    full = torch.cat([chunk, chunk]) if teacher_forcing else chunk
+    n = frame.numel()
+    chunk = torch.div(frame, chunk_frames, rounding_mode="floor")
+    end = torch.clamp((chunk + 1) * chunk_frames, max=int(frame.max()) + 1)
+    first = torch.clamp(end - window, min=0) if window is not None else torch.zeros_like(frame)
+    full, frames, firsts = (torch.cat([x, x]) if teacher_forcing else x for x in (chunk, frame, first))
 
     def visible(_b, _h, q, kv):
         cq, ckv = full[q], full[kv]
+        seen = frames[kv] >= firsts[q]
         if not teacher_forcing:
-            return ckv <= cq
+            return seen & (ckv <= cq)
         q_noisy, kv_noisy = q >= n, kv >= n
-        return torch.where(q_noisy, torch.where(kv_noisy, ckv == cq, ckv < cq), ~kv_noisy & (ckv <= cq))
+        return seen & torch.where(q_noisy, torch.where(kv_noisy, ckv == cq, ckv < cq), ~kv_noisy & (ckv <= cq))
 
     return create_block_mask(visible, None, None, full.numel(), full.numel(), device=full.device)
 
@@ -502,14 +516,16 @@ def chunk_mask(chunk: torch.Tensor, *, teacher_forcing: bool) -> BlockMask:
 class ChunkSpans:
     """chunk_mask's visibility as token spans: chunk c holds tokens [bounds[c], bounds[c+1]) of the clip.
 
-    Its queries see every key before bounds[c+1], one contiguous run, so unmasked SDPA per chunk computes exactly
-    what the mask asks — on any device, without an L x L mask. With teacher forcing the sequence is the clean clip
-    and then its noisy copy (bounds[-1] tokens each), and a noisy chunk sees the clean keys before bounds[c] plus
-    its own noisy chunk.
+    Its queries see the keys in [starts[c], bounds[c+1]), one contiguous run (starts[c] > 0 once a window cuts
+    the oldest frames off), so unmasked SDPA per chunk computes exactly what the mask asks — on any device,
+    without an L x L mask. With teacher forcing the sequence is the clean clip and then its noisy copy
+    (bounds[-1] tokens each), and a noisy chunk sees the clean keys in [starts[c], bounds[c]) plus its own noisy
+    chunk.
     """
 
     bounds: tuple[int, ...]
     teacher_forcing: bool
+    starts: tuple[int, ...]
 
 
 Mask = BlockMask | ChunkSpans
@@ -519,11 +535,11 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Chu
     """Attention of (B, heads, L, d) tensors under `spans`, one unmasked SDPA call per chunk (and per half)."""
     n = spans.bounds[-1]
     clean, noisy = [], []
-    for s, e in itertools.pairwise(spans.bounds):
-        clean.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+    for first, (s, e) in zip(spans.starts, itertools.pairwise(spans.bounds), strict=True):
+        clean.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, first:e], v[:, :, first:e]))
         if spans.teacher_forcing:
-            keys = torch.cat([k[:, :, :s], k[:, :, n + s : n + e]], dim=2)
-            values = torch.cat([v[:, :, :s], v[:, :, n + s : n + e]], dim=2)
+            keys = torch.cat([k[:, :, first:s], k[:, :, n + s : n + e]], dim=2)
+            values = torch.cat([v[:, :, first:s], v[:, :, n + s : n + e]], dim=2)
             noisy.append(F.scaled_dot_product_attention(q[:, :, n + s : n + e], keys, values))
     return torch.cat(clean + noisy, dim=2)
 

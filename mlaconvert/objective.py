@@ -21,7 +21,7 @@ from torch import nn
 
 from mlaconvert.config import WanConfig
 from mlaconvert.model import WanModel
-from mlaconvert.sampling import warp_timesteps
+from mlaconvert.sampling import SamplerSettings, warp_timesteps
 from mlaconvert.training_run import derived_seed
 
 if TYPE_CHECKING:
@@ -97,12 +97,13 @@ def distill_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     *,
-    chunk: int,
+    sampler: SamplerSettings,
     layer_loss_weight: float = 0.0,
     student_attn: AttentionOutputs | None = None,
     teacher_attn: AttentionOutputs | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Teacher-forcing distillation loss on one micro-batch, and its parts (detached); timesteps (B, F) per frame.
+    Each chunk sees the clean context the sampler's cache would hold: its chunk and window set the mask.
 
     The layer term is each layer's self-attention-output MSE relative to the teacher's mean square, averaged
     over layers: deep layers have larger activations, and the relative form keeps one weight meaningful for all.
@@ -110,9 +111,9 @@ def distill_loss(
     noisy = noised(clean, noise, timesteps)
     layers = layer_loss_weight > 0
     with torch.no_grad(), (teacher_attn.recording(layers) if teacher_attn else contextlib.nullcontext()):
-        target = teacher(noisy, timesteps, text, chunk_frames=chunk, clean=clean)
+        target = teacher(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, clean=clean)
     with student_attn.recording(layers) if student_attn else contextlib.nullcontext():
-        flow = student(noisy, timesteps, text, chunk_frames=chunk, clean=clean)
+        flow = student(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, clean=clean)
     flow_loss = F.mse_loss(flow.float(), target.float())
     parts = {"flow_loss": flow_loss.detach()}
     if not layers:
@@ -160,7 +161,7 @@ def held_out_loss(student: WanModel, teacher: WanModel, clips: Clips, settings: 
     for start in range(0, clean.shape[0], micro):
         part = [x[start : start + micro].to(device) for x in (clean, text, noise, timesteps)]
         with autocast_for(device):
-            loss, _ = distill_loss(student, teacher, *part, chunk=s.sampler.chunk, layer_loss_weight=s.layer_loss_weight,
+            loss, _ = distill_loss(student, teacher, *part, sampler=s.sampler, layer_loss_weight=s.layer_loss_weight,
                                    student_attn=AttentionOutputs(student), teacher_attn=AttentionOutputs(teacher))
         total += float(loss) * part[0].shape[0]
     return total / clean.shape[0]
@@ -181,7 +182,7 @@ def count_step_flops(config: WanConfig, settings: FinetuneSettings, frames: int,
     set_trainable(student, settings.train)
     teacher.requires_grad_(False)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = distill_loss(student, teacher, clean, text, clean, t, chunk=settings.sampler.chunk,
+        loss, _ = distill_loss(student, teacher, clean, text, clean, t, sampler=settings.sampler,
                                layer_loss_weight=settings.layer_loss_weight,
                                student_attn=AttentionOutputs(student), teacher_attn=AttentionOutputs(teacher))
         loss.backward()

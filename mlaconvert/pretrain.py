@@ -132,10 +132,12 @@ def own_rollout(model: WanModel, batch: Batch, seed: int) -> torch.Tensor:
     return out.latents.to(batch.clean.device)
 
 
-def flow_loss(model: nn.Module, batch: Batch, chunk: int) -> torch.Tensor:
-    """MSE of the predicted flow against v = ε - x on every noisy chunk, each seeing the context before it."""
+def flow_loss(model: nn.Module, batch: Batch, sampler: SamplerDefaults) -> torch.Tensor:
+    """MSE of the predicted flow against v = ε - x on every noisy chunk, each seeing the context before it within
+    the sampler's window — on clips longer than the window, the context a sliding cache gives."""
     noisy = noised(batch.clean, batch.noise, batch.timesteps)
-    flow = model(noisy, batch.timesteps, batch.text, chunk_frames=chunk, clean=batch.context)
+    flow = model(noisy, batch.timesteps, batch.text, chunk_frames=sampler.chunk, window=sampler.window,
+                 clean=batch.context)
     return F.mse_loss(flow.float(), (batch.noise - batch.clean).float())
 
 
@@ -211,7 +213,7 @@ class Run:
         with self.autocast:
             if own_context:
                 batch = batch.with_context(own_rollout(self.model, batch, seed))
-            loss = flow_loss(self.forward, batch, s.model.sampler.chunk)
+            loss = flow_loss(self.forward, batch, s.model.sampler)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
@@ -228,7 +230,7 @@ class Run:
     @torch.no_grad()
     def eval_loss(self) -> float:
         with self.autocast:
-            return float(flow_loss(self.forward, self.held_out, self.settings.model.sampler.chunk))
+            return float(flow_loss(self.forward, self.held_out, self.settings.model.sampler))
 
     def save(self, folder: Path, fingerprint: dict[str, Any]) -> None:
         state = {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

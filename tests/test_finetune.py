@@ -32,6 +32,7 @@ from mlaconvert.hub import load_source
 from mlaconvert.model import load_model
 from mlaconvert.objective import AttentionOutputs, chunk_timesteps, distill_loss, mla_parameter_names, set_trainable, trainable_names
 from mlaconvert.processes import Processes
+from mlaconvert.sampling import SamplerSettings
 from mlaconvert.training_run import derived_seed
 
 SMALL = FinetuneSettings(max_steps=6, batch=2, lr=1e-3, warmup=2, clips=6, held_out=2, frames=6, height=64, width=64,
@@ -133,7 +134,7 @@ def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) 
     for checkpointing in (False, True):
         student.gradient_checkpointing = checkpointing
         student.zero_grad()
-        loss, parts = distill_loss(student, teacher, clean, text, noise, t, chunk=3, layer_loss_weight=0.5,
+        loss, parts = distill_loss(student, teacher, clean, text, noise, t, sampler=SamplerSettings(), layer_loss_weight=0.5,
                                    student_attn=AttentionOutputs(student), teacher_attn=AttentionOutputs(teacher))
         loss.backward()
         assert parts["layer_loss"] > 0
@@ -297,7 +298,7 @@ def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
     noise = torch.randn(2, 4, 6, 8, 8, generator=gen)
     with torch.no_grad():
         expected = np.mean([float(distill_loss(student, teacher, clips.latents[i:i + 1], clips.text[i:i + 1], noise[i - 2:i - 1],
-                                               t[i - 2:i - 1], chunk=3)[0]) for i in (2, 3)])
+                                               t[i - 2:i - 1], sampler=SamplerSettings())[0]) for i in (2, 3)])
     assert first == pytest.approx(expected, rel=1e-6)
 
 

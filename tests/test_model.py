@@ -110,24 +110,30 @@ def test_block_causal_matches_diffusers_with_the_same_mask():
     assert (bidirectional - expected).abs().max().item() > 1e-3  # the mask matters
 
 
+@pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("teacher_forcing", [False, True])
-def test_chunk_spans_attend_exactly_as_the_boolean_mask(teacher_forcing):
-    """Per-chunk unmasked SDPA against one SDPA with the mask written out in numpy (last chunk partial)."""
+def test_chunk_spans_attend_exactly_as_the_boolean_mask(teacher_forcing, window):
+    """Per-chunk unmasked SDPA against one SDPA with the mask written out in numpy (last chunk partial; a window
+    of 4 frames cuts part of a chunk off)."""
     from mlaconvert.model import ChunkSpans, span_attention
 
-    chunk = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
-    n = chunk.numel()
-    c = np.concatenate([chunk.numpy()] * (2 if teacher_forcing else 1))
+    frame = np.arange(8)  # one token a frame, chunks of 3 frames
+    chunk = frame // 3
+    first = np.maximum(0, np.minimum((chunk + 1) * 3, 8) - (window or 8))
+    n = frame.size
+    c, f, lo = (np.concatenate([x] * (2 if teacher_forcing else 1)) for x in (chunk, frame, first))
     noisy = np.arange(c.size) >= n
     if teacher_forcing:  # clean: block-causal among the clean; noisy: earlier clean chunks and its own noisy chunk
         mask = np.where(noisy[:, None], (~noisy[None] & (c[None] < c[:, None])) | (noisy[None] & (c[None] == c[:, None])),
                         ~noisy[None] & (c[None] <= c[:, None]))
     else:
         mask = c[None] <= c[:, None]
+    mask &= f[None] >= lo[:, None]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, c.size, 8, generator=g) for _ in range(3))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(mask))
-    got = span_attention(q, k, v, ChunkSpans((0, 3, 6, 8), teacher_forcing))
+    starts = (0, 2, 4) if window else (0, 0, 0)
+    got = span_attention(q, k, v, ChunkSpans((0, 3, 6, 8), teacher_forcing, starts))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
