@@ -56,6 +56,8 @@ class SamplerDefaults:
     shift: float = 5.0
     chunk: int = 3  # latent frames per autoregressive chunk
     window: int = 21  # attention span in latent frames, the current chunk included
+    sink: int = 0  # first latent frames the cache keeps for good once the window slides
+    positions: str = "auto"  # RoPE frame positions in the cache: absolute, reindex, or auto (see sampling.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplerDefaults:

@@ -64,8 +64,8 @@ class SamplerSettings:
         shift: float | None = None,
         chunk: int | None = None,
         window: int | None = None,
-        sink: int = 0,
-        positions: str = "auto",
+        sink: int | None = None,
+        positions: str | None = None,
         seed: int = 0,
     ) -> SamplerSettings:
         """Concrete settings: every None is the model's own (config.sampler); a step count becomes an even list."""
@@ -74,8 +74,9 @@ class SamplerSettings:
         own = config.sampler
         schedule = tuple(float(t) for t in timesteps) if timesteps is not None else denoising_timesteps(own.steps if steps is None else steps)
         settings = cls(
-            chunk=own.chunk if chunk is None else chunk, window=own.window if window is None else window, sink=sink,
-            timesteps=schedule, shift=own.shift if shift is None else shift, positions=positions, seed=seed,
+            chunk=own.chunk if chunk is None else chunk, window=own.window if window is None else window,
+            sink=own.sink if sink is None else sink, timesteps=schedule, shift=own.shift if shift is None else shift,
+            positions=own.positions if positions is None else positions, seed=seed,
         )
         settings.check()
         return settings

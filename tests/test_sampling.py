@@ -49,9 +49,11 @@ def test_schedule_and_durations():
 def test_steps_count_denoising_steps_and_default_to_the_models_own():
     assert denoising_timesteps(4) == (1000.0, 750.0, 500.0, 250.0) and denoising_timesteps(1) == (1000.0,)
     assert SamplerSettings.for_model(TINY_WAN).timesteps == (1000.0, 750.0, 500.0, 250.0)
-    own = TINY_WAN.replace(sampler=SamplerDefaults(steps=2, shift=1.0, chunk=2, window=6))
+    own = TINY_WAN.replace(sampler=SamplerDefaults(steps=2, shift=1.0, chunk=2, window=6, sink=2, positions="reindex"))
     s = SamplerSettings.for_model(own)
-    assert (s.timesteps, s.shift, s.chunk, s.window) == ((1000.0, 500.0), 1.0, 2, 6)
+    assert (s.timesteps, s.shift, s.chunk, s.window, s.sink, s.positions) == ((1000.0, 500.0), 1.0, 2, 6, 2, "reindex")
+    told = SamplerSettings.for_model(own, sink=0, positions="absolute")
+    assert (told.sink, told.positions) == (0, "absolute")
     assert SamplerSettings.for_model(own, steps=5, chunk=3).timesteps == (1000.0, 800.0, 600.0, 400.0, 200.0)
     assert SamplerSettings.for_model(own, timesteps=[500]).timesteps == (500.0,)
 
