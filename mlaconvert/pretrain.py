@@ -321,18 +321,37 @@ def export_model(model: WanModel, settings: PretrainSettings, rows: list[dict[st
 
     state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()}
     save_native(settings.model, state, folder)
+    earlier = training_history(settings.init) if settings.init else ""
     with atomic_file(folder / "README.md") as tmp:
-        tmp.write_text(model_card(settings, rows, device=device))
+        tmp.write_text(model_card(settings, rows, device=device, earlier=earlier))
 
 
-def model_card(settings: PretrainSettings, rows: list[dict[str, Any]], quality: str = "", device: str = "") -> str:
-    """The world model's card: what it models, how it was trained (from the log), how to sample it, how good it is."""
+def training_history(source: str) -> str:
+    """The "Training" section of the card of the model a run started from, so a card tells every stage."""
+    from mlaconvert.hub import resolve_source
+
+    path = resolve_source(source).path
+    card = path / "README.md" if path.is_dir() else path.with_name("README.md")
+    if not card.is_file() or "\n## Training\n" not in card.read_text():
+        return f"From the weights of `{source}`, whose training is not recorded beside them.\n\n"
+    section = card.read_text().split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    return section.strip() + "\n\n"
+
+
+def model_card(settings: PretrainSettings, rows: list[dict[str, Any]], quality: str = "", device: str = "",
+               earlier: str = "") -> str:
+    """The world model's card: what it models, how it was trained (from the log; `earlier` is the training of the
+    weights it started from), how to sample it, how good it is."""
     cfg, s = settings.model, settings
     params = sum(p.numel() for p in WanModel(cfg).parameters())
     evals = [r for r in rows if "eval_loss" in r]
     minutes = sum(r["seconds"] for r in rows) / 60
     training = {k: v for k, v in dataclasses.asdict(s).items() if k != "model"}
     held_out = f"{evals[-1]['eval_loss']:.4f}" if evals else "not measured"
+    gpu = ", bf16 autocast" + (", compiled blocks" if s.compile else "") if device not in ("", "CPU") else ""
+    start = "Then, from those weights, " if s.init else "From scratch, "
+    window = f", each chunk seeing the last {cfg.sampler.window} frames as the sampler's cache does" if s.frames > cfg.sampler.window else ""
+    sink = f", sink {cfg.sampler.sink} ({cfg.sampler.positions} positions)" if cfg.sampler.sink else ""
     return f"""---
 library_name: mlaconvert
 tags: [video-diffusion, wan2.1, world-model, bouncing-balls]
@@ -348,15 +367,15 @@ constant velocity, elastic wall bounces). It works on pixels (3 channels in [-1,
 world's deterministic caption embedder. Its true future is known, so conversions of it are measured against the truth.
 
 ## Training
-{len(rows)} steps of {s.batch} clips x {s.frames} frames, fresh clips every step (seed {s.seed}); flow matching on the
-ground truth with clean-context teacher forcing through the block-causal mask, the context noised to σ <= {s.context_noise}.
-AdamW (lr {s.lr}, warmup {s.warmup}, cosine to zero), bf16 autocast, compiled blocks: {minutes:.1f} min of training
-steps{" on one " + device if device else ""}. Final held-out flow-matching loss {held_out}.
-`mlaconvert pretrain --recipe bouncing-balls -o DIR` repeats it (settings: `{json.dumps(training)}`).
+{earlier}{start}{len(rows)} steps of {s.batch} clips x {s.frames} frames, fresh clips every step (seed {s.seed}); flow
+matching on the ground truth with clean-context teacher forcing through the block-causal mask{window}, the context
+noised to σ <= {s.context_noise}. AdamW (lr {s.lr}, warmup {s.warmup}, cosine to zero){gpu}: {minutes:.1f} min of
+training steps{" on one " + device if device else ""}. Final held-out flow-matching loss
+{held_out}. `mlaconvert pretrain` with these settings repeats it: `{json.dumps(training)}`.
 
 ## Sampling
 Its own sampler settings live in `config.json` (`sampler`): {cfg.sampler.steps} denoising steps, shift {cfg.sampler.shift},
-chunk {cfg.sampler.chunk}, window {cfg.sampler.window}; `mlaconvert sample` and `eval` use them without flags:
+chunk {cfg.sampler.chunk}, window {cfg.sampler.window}{sink}; `mlaconvert sample` and `eval` use them without flags:
 
     mlaconvert sample builtin:bouncing-balls --prompt "two balls: red, blue" --frames 24 --device cpu -o sample
 

@@ -75,6 +75,12 @@ def test_a_run_can_start_from_the_weights_of_a_model_of_its_configuration(tmp_pa
     other = dataclasses.replace(TINY, init="builtin:tiny-wan")
     with pytest.raises(MlaconvertError, match="not a model of the configuration"):
         Run(other, torch.device("cpu"))
+    # The second stage's card tells both stages: the first card's training, then its own.
+    pretrain(tmp_path / "second", dataclasses.replace(TINY, max_steps=2, lr=1e-4, init=str(tmp_path / "first")))
+    first_training = (tmp_path / "first" / "README.md").read_text().split("## Training\n")[1].split("\n## ")[0].strip()
+    second_training = (tmp_path / "second" / "README.md").read_text().split("## Training\n")[1].split("\n## ")[0]
+    assert second_training.startswith(first_training) and "From scratch, 2 steps" in first_training
+    assert "Then, from those weights, 2 steps" in second_training and '"lr": 0.0001' in second_training
 
 
 def test_a_batch_is_the_world_noised_per_chunk_and_the_same_on_every_call():
