@@ -24,31 +24,32 @@ from mlaconvert.builtin import TINY_WAN
 from mlaconvert.config import MLAConfig, WanConfig, preset
 from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.export import parameter_count
+from mlaconvert.fields import help_of, setting
 from mlaconvert.model import WanModel
 from mlaconvert.progress import progress_bar
 from mlaconvert.rope import leading_rope_pairs
-from mlaconvert.sampling import FRAMES_PER_LATENT, SamplerSettings, check_video_size, latent_frames_for, rollout
+from mlaconvert.sampling import FRAMES_PER_LATENT, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for, rollout
 
 GiB = 2**30
 
 
 @dataclass
 class BenchSettings:
-    preset: str = "wan2.1-1.3b"
-    height: int = 480  # pixels
-    width: int = 832
-    steps: int | None = None  # denoising steps per chunk; None = the model's own (config.sampler)
-    windows: tuple[int, ...] = (21,)
-    chunks: tuple[int, ...] = (3,)
-    batches: tuple[int, ...] = (1,)
-    dc: int = 192
-    rope_dim: int = 32
-    timed_chunks: int = 4  # chunks timed after the window is full
-    long_seconds: float = 60.0  # the minute-long rollout for peak memory (0 = skip)
-    budget_gib: float = 80.0
+    preset: str = setting("wan2.1-1.3b", "Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny.")
+    height: int = setting(480, "Video height in pixels.")
+    width: int = setting(832, "Video width in pixels.")
+    steps: int | None = setting(None, help_of(SamplerOptions, "steps"))
+    windows: tuple[int, ...] = setting((21,), "Window sizes in latent frames (repeat the option for a grid).")
+    chunks: tuple[int, ...] = setting((3,), "Chunk sizes in latent frames (repeatable).")
+    batches: tuple[int, ...] = setting((1,), "Batch sizes (repeatable).")
+    dc: int = setting(192, "Latent width of the MLA variant (values per token and layer, besides the rope key).")
+    rope_dim: int = setting(32, "Width of the MLA variant's shared 3D-RoPE key.")
+    timed_chunks: int = setting(4, "Chunks timed after the window is full.")
+    long_seconds: float = setting(60.0, "Length in seconds of the peak-memory rollout (0 skips it).")
+    budget_gib: float = setting(80.0, "Memory budget in GiB for the concurrent-streams estimate.")
     seed: int = 0
     variants: tuple[str, ...] = ("dense", "mla")
-    compile: bool = False  # torch.compile the blocks of both variants
+    compile: bool = setting(False, "torch.compile the blocks of both variants.")
 
 
 def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:

@@ -24,6 +24,7 @@ from mlaconvert import __version__
 from mlaconvert.calibration import Calibration, calibrate, check_fits
 from mlaconvert.config import MLAConfig, WanConfig
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import setting
 from mlaconvert.factorize import LayerFactors, factorize_layer
 from mlaconvert.rope import AXES, rope_quota
 from mlaconvert.formats import Checkpoint
@@ -35,13 +36,14 @@ INITS = ("svd", "asvd", "random")
 
 @dataclass
 class ConvertSettings:
-    dc: int | list[int] | str = 192  # one width, one per layer, or "auto" (from the spectra at `energy`)
-    rope_dim: int = 32
-    init: str = "svd"
-    q_rank: int | None = None
-    seed: int = 0
-    energy: float = 0.99
-    measure: bool = True  # calibration pass to measure K/V/attention error (always done for asvd)
+    dc: int | list[int] | str = setting(
+        192, "Latent width: an integer, 'auto' (per layer from --energy), a comma list, or a .json/.toml list.")
+    rope_dim: int = setting(32, "Width of the shared decoupled 3D-RoPE key.")
+    init: str = setting("svd", "svd (weights), asvd (activation-aware, calibrated) or random.")
+    q_rank: int | None = setting(None, "Low-rank query of this rank (default: full query).")
+    seed: int = setting(0, "Seed for calibration inputs and random init.")
+    energy: float = setting(0.99, "Energy that defines effective ranks, and dc for --dc auto.")
+    measure: bool = setting(True, "Calibration pass measuring K/V/attention error (always done for asvd).")
     calib_frames: int = 3
     calib_height: int = 16
     calib_width: int = 16

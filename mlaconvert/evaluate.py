@@ -26,6 +26,7 @@ from mlaconvert import health, world
 from mlaconvert.agreement import MIN_MSE
 from mlaconvert.config import WanConfig
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import setting
 from mlaconvert.model import WanModel
 from mlaconvert.sampling import SamplerSettings, rollout
 
@@ -37,12 +38,12 @@ STRIP_SCALE_TO = 128  # strip frames are enlarged (nearest neighbour) to about t
 
 @dataclass(frozen=True)
 class EvalSettings:
-    clips: int = 32
-    frames: int = 240  # new frames rolled out after the prefix
-    prefix: int | None = None  # true frames given first; None = one sampler chunk
+    clips: int = setting(32, "Fresh world clips to judge on.")
+    frames: int = setting(240, "Frames to roll out after the true prefix.")
+    prefix: int | None = setting(None, "True frames given before the rollout (default: one chunk).")
     edges: tuple[int, ...] | None = None  # bucket ends counted from the first frame; None = DEFAULT_EDGES clipped
-    batch: int = 8  # clips per rollout: bounds memory
-    seed: int = 0  # world clips and rollout noise
+    batch: int = setting(8, "Clips rolled out at once (bounds memory).")
+    seed: int = setting(0, "Seed of the clips and of all sampling noise.")
     agreement_clips: int = 4  # clips for teacher agreement
     strip_clips: int = 2  # clips shown in strip.png
 

@@ -1,15 +1,30 @@
-"""Values read from files (recipes, config.json) checked against the type hints of the dataclass they fill, so a
-wrong type is one line naming the file and the key instead of a TypeError deep inside the job."""
+"""Settings dataclasses' fields: declared with their help (`setting`), the one place the command line reads each
+option's default and help from (mlaconvert.cli_options); and values read from files (recipes, config.json)
+checked against the type hints of the dataclass they fill, so a wrong type is one line naming the file and the key
+instead of a TypeError deep inside the job."""
 
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlaconvert.errors import MlaconvertError
+
+
+def setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field with its default and its help (units included); `parse` reads the value from the text of
+    a command-line option, for a type that is not a plain number, string or repeatable option."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"parse": parse} if parse else {})})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help of another dataclass's field, for a setting that passes its value on (finetune's --steps is the
+    sampler's)."""
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): ""}
 

@@ -36,6 +36,7 @@ from torch import nn
 from mlaconvert.clips import Clips, training_clips
 from mlaconvert.config import WanConfig
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import help_of, setting
 from mlaconvert.formats import Checkpoint
 from mlaconvert.finetune_report import finetune_section, measure_student
 from mlaconvert.model import WanModel, load_model
@@ -43,7 +44,7 @@ from mlaconvert.objective import (TIMESTEP_MODES, TRAIN_MODES, AttentionOutputs,
                                   held_out_loss, set_trainable)
 from mlaconvert.outputs import write_json
 from mlaconvert.processes import Processes, processes
-from mlaconvert.sampling import SamplerSettings
+from mlaconvert.sampling import SamplerOptions, SamplerSettings, parse_timesteps
 from mlaconvert.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
                                      check_output, clear_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
 
@@ -56,32 +57,32 @@ RUN_ONLY_SETTINGS = ("checkpoint_every", "eval_every")
 class FinetuneSettings:
     """The [finetune] table of a recipe; CLI options override it."""
 
-    max_steps: int = 200  # optimizer steps
-    batch: int = 1  # clips per optimizer step, over all processes
-    accumulate: int = 1  # micro-batches per step in each process (gradient accumulation)
-    lr: float = 1e-4
-    warmup: int = 10  # steps of linear warmup, then cosine decay to zero
+    max_steps: int = setting(200, "Optimizer steps.")
+    batch: int = setting(1, "Clips per step over all processes.")
+    accumulate: int = setting(1, "Micro-batches per step in each process (gradient accumulation).")
+    lr: float = setting(1e-4, "Peak learning rate of AdamW.")
+    warmup: int = setting(10, "Linear warmup steps before the cosine decay to zero.")
     weight_decay: float = 0.0  # decay pulls toward zero, not toward the factorised init: off by default
     grad_clip: float = 1.0
-    train: str = "mla"  # mla: the new attention tensors; attn: all self-attention; all: everything
-    layer_loss_weight: float = 0.0  # weight of the per-layer self-attention-output matching term
+    train: str = setting("mla", "mla (the new attention tensors), attn (all self-attention) or all.")
+    layer_loss_weight: float = setting(0.0, "Weight of per-layer self-attention-output matching.")
     timestep_mode: str = "list"  # list: the sampler's warped timesteps; uniform: uniform between the list's ends
-    gradient_checkpointing: bool = True
-    checkpoint_every: int = 50
+    gradient_checkpointing: bool = setting(True, "Activation checkpointing.")
+    checkpoint_every: int = setting(50, "Steps between checkpoints.")
     eval_every: int = 25  # steps between evaluations of the fixed held-out objective (also at the start and end)
-    seed: int = 0
+    seed: int = setting(0, "Seed of data order, timesteps, noise and generated clips.")
     # Teacher-generated data: this many clips, the last `held_out` of them kept for agreement and utilisation.
-    clips: int = 16
+    clips: int = setting(16, "Teacher-generated clips, held_out of them (a recipe setting) kept out of training.")
     held_out: int = 2
-    frames: int = 6  # latent frames per clip
-    height: int = 128  # pixels (the model's VAE stride makes them latent rows)
-    width: int = 128
+    frames: int = setting(6, "Latent frames per generated clip.")
+    height: int = setting(128, "Height of generated clips in pixels.")
+    width: int = setting(128, "Width of generated clips in pixels.")
     generate_batch: int = 4
     # Overrides of the model's own sampler (config.json), which the student is trained for; None keeps its value.
-    chunk: int | None = None
-    sampler_steps: int | None = None  # evenly spaced from 1000; or the list itself in sampler_timesteps
-    sampler_timesteps: tuple[float, ...] | None = None
-    shift: float | None = None
+    chunk: int | None = setting(None, help_of(SamplerOptions, "chunk"))
+    sampler_steps: int | None = setting(None, f"{help_of(SamplerOptions, 'steps')} For the teacher's clips and the agreement measure.")
+    sampler_timesteps: tuple[float, ...] | None = setting(None, help_of(SamplerOptions, "timesteps"), parse=parse_timesteps)
+    shift: float | None = setting(None, help_of(SamplerOptions, "shift"))
     # The sampler itself: made by `for_model` from the model's own and the overrides above, unless given whole
     # (from Python; a recipe names the overrides).
     sampler: SamplerSettings | None = field(default=None, metadata={"recipe": False})

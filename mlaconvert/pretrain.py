@@ -39,6 +39,7 @@ from mlaconvert import world
 from mlaconvert.config import SamplerDefaults, WanConfig
 from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import setting
 from mlaconvert.model import WanModel
 from mlaconvert.objective import noised
 from mlaconvert.outputs import atomic_dir, check_writable, write_json
@@ -57,7 +58,7 @@ WORLD_MODEL = WanConfig(
 class PretrainSettings:
     """The [pretrain] table of a recipe; its [pretrain.model] table overrides fields of WORLD_MODEL."""
 
-    max_steps: int = 3000  # optimizer steps
+    max_steps: int = setting(3000, "Optimizer steps.")
     batch: int = 16  # clips per step
     frames: int = 21  # frames per training clip (pixels: one latent frame per video frame)
     lr: float = 3e-4
@@ -66,7 +67,7 @@ class PretrainSettings:
     grad_clip: float = 1.0
     context_noise: float = 0.1  # largest σ of the noise put on the clean context
     own_context_steps: int = 0  # the last steps, whose context is the model's own rollout, not the true clip
-    init: str = ""  # a SOURCE whose weights the run starts from (a model of this config); "" = random
+    init: str = setting("", "SOURCE whose weights the run starts from, a model of this config (default: random weights).")
     eval_every: int = 250  # steps between held-out losses
     eval_clips: int = 16
     checkpoint_every: int = 250

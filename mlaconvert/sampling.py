@@ -22,6 +22,7 @@ from mlaconvert.cache import KVCache
 from mlaconvert.config import WanConfig
 from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import setting
 from mlaconvert.model import WanModel
 
 VIDEO_FPS = 16
@@ -55,28 +56,22 @@ class SamplerSettings:
     seed: int = 0
 
     @classmethod
-    def for_model(
-        cls,
-        config: WanConfig,
-        *,
-        steps: int | None = None,
-        timesteps: Sequence[float] | None = None,
-        shift: float | None = None,
-        chunk: int | None = None,
-        window: int | None = None,
-        sink: int | None = None,
-        positions: str | None = None,
-        seed: int = 0,
-    ) -> SamplerSettings:
-        """Concrete settings: every None is the model's own (config.sampler); a step count becomes an even list."""
-        if steps is not None and timesteps is not None:
+    def for_model(cls, config: WanConfig, **options: Any) -> SamplerSettings:
+        """Concrete settings from `options`, the fields of SamplerOptions: each None is the model's own
+        (config.sampler), and a step count becomes an even list."""
+        given, own = SamplerOptions(**options), config.sampler
+        if given.steps is not None and given.timesteps is not None:
             raise MlaconvertError("--steps and --timesteps both set the denoising schedule: give one of them")
-        own = config.sampler
-        schedule = tuple(float(t) for t in timesteps) if timesteps is not None else denoising_timesteps(own.steps if steps is None else steps)
+
+        def either(value: Any, models: Any) -> Any:
+            return models if value is None else value
+
+        schedule = (denoising_timesteps(either(given.steps, own.steps)) if given.timesteps is None
+                    else tuple(float(t) for t in given.timesteps))
         settings = cls(
-            chunk=own.chunk if chunk is None else chunk, window=own.window if window is None else window,
-            sink=own.sink if sink is None else sink, timesteps=schedule, shift=own.shift if shift is None else shift,
-            positions=own.positions if positions is None else positions, seed=seed,
+            chunk=either(given.chunk, own.chunk), window=either(given.window, own.window),
+            sink=either(given.sink, own.sink), timesteps=schedule, shift=either(given.shift, own.shift),
+            positions=either(given.positions, own.positions), seed=given.seed,
         )
         settings.check()
         return settings
@@ -97,6 +92,26 @@ class SamplerSettings:
             raise MlaconvertError(f"--timesteps must be descending values in (0, 1000], e.g. 1000,750,500,250 (got '{listed}')")
         if self.shift <= 0:
             raise MlaconvertError(f"--shift must be positive (got {self.shift:g})")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The sampler as a user sets it: the command line's sampler options, the keywords of
+    `SamplerSettings.for_model` and of `sample(sampler=...)`. None leaves the model's own (config.sampler)."""
+
+    steps: int | None = setting(
+        None, "Denoising steps per chunk, evenly spaced from 1000 before the shift (4: 1000,750,500,250; default: the model's own).")
+    timesteps: tuple[float, ...] | None = setting(
+        None, "The denoising timesteps themselves, before the shift: a descending comma list in (0, 1000], e.g. 1000,500 "
+        "(instead of --steps).", parse=parse_timesteps)
+    shift: float | None = setting(None, "Flow-matching timestep shift (default: the model's own).")
+    chunk: int | None = setting(None, "Latent frames per autoregressive chunk (default: the model's own).")
+    window: int | None = setting(
+        None, "Attention span in latent frames, the current chunk included (default: the model's own).")
+    sink: int | None = setting(None, "First latent frames kept in the cache forever (default: the model's own).")
+    positions: str | None = setting(
+        None, "RoPE positions: absolute, reindex (inside the window) or auto (default: the model's own).")
+    seed: int = setting(SamplerSettings.seed, "Seed for all noise.")
 
 
 @dataclass
@@ -244,8 +259,8 @@ def sample(
 ) -> dict[str, Any]:
     """Roll out a dense or MLA model and write OUT/latents.safetensors, OUT/run.json and, with a VAE, OUT/video.mp4.
 
-    sampler: keyword arguments of `SamplerSettings.for_model` (steps, timesteps, shift, chunk, window, sink,
-    positions, seed); what they leave out is the model's own. prefix: a safetensors file with `latents`
+    sampler: fields of `SamplerOptions` (steps, timesteps, shift, chunk, window, sink, positions, seed); what
+    they leave out is the model's own. prefix: a safetensors file with `latents`
     (B, C, F, h, w), e.g. an earlier sample's: committed first, continued for `frames` new frames, and written
     in front of them. height/width (pixels) default to the prefix's size, else the model's world, else 480x832.
     """

@@ -168,3 +168,81 @@ def test_bench_writes_a_folder_named_for_the_run_and_never_over_one(cli, tmp_pat
     monkeypatch.setattr("mlaconvert.bench.run_bench", lambda *_a, **_k: report)  # measured once above is enough
     r = cli(*args, "--force")
     assert r.returncode == 0 and "look at bench-tiny-cpu/bench-cpu.png" in r.stdout
+
+
+def _commands():
+    """(name, the function typer calls, its click command) for every subcommand."""
+    from mlaconvert.cli import app
+
+    group = typer.main.get_command(app)
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__
+        yield name, info.callback, group.commands[name]
+
+
+def _listed(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+@pytest.mark.parametrize("command", WORKFLOW)
+def test_every_settings_option_shows_its_fields_default_and_help(command):
+    """A setting's default and help are written once, in its dataclass field; no command keeps its own copy."""
+    import dataclasses
+
+    callback, click_command = next((c, cmd) for name, c, cmd in _commands() if name == command)
+    sources = getattr(callback, "option_fields", {})
+    classes = {cls for cls, _ in sources.values()}
+    flags = {"--" + f.name.replace("_", "-") for cls in classes for f in dataclasses.fields(cls)}
+    for param in click_command.params:
+        if param.name not in sources:
+            assert not flags & set(param.opts), (command, param.opts, "is a setting: offer it with options(...)")
+            continue
+        cls, name = sources[param.name]
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        assert param.help == field.metadata["help"], (command, param.opts)
+        assert str(_listed(param.default)) == str(_listed(field.default)), (command, param.opts)
+
+
+def test_eval_offers_the_sampler_options_of_sample():
+    from mlaconvert.sampling import SamplerOptions
+
+    def sampler_flags(command: str) -> set[str]:
+        callback, click_command = next((c, cmd) for name, c, cmd in _commands() if name == command)
+        return {o for p in click_command.params if callback.option_fields.get(p.name, (None,))[0] is SamplerOptions for o in p.opts}
+
+    assert sampler_flags("sample") == {"--steps", "--timesteps", "--shift", "--chunk", "--window", "--sink", "--positions", "--seed"}
+    assert sampler_flags("sample") - sampler_flags("eval") == {"--seed"}  # eval's own --seed (EvalSettings) seeds the sampler too
+
+
+def test_eval_sampler_options_reach_the_sampler(cli, tmp_path, monkeypatch):
+    from mlaconvert.builtin import TINY_WAN
+    from mlaconvert.evaluate import EvalSettings
+    from mlaconvert.sampling import SamplerSettings
+
+    calls = []
+    monkeypatch.setattr("mlaconvert.evaluate.run_eval", lambda *a, **k: calls.append(k) or {"model": a[0], "horizons": []})
+    r = cli("eval", "builtin:tiny-wan", "--chunk", "2", "--window", "6", "--sink", "1", "--positions", "reindex",
+            "--timesteps", "1000,500", "--shift", "2", "--seed", "5", "--clips", "3", "-o", str(tmp_path / "e"))
+    assert r.returncode == 0, r.stderr
+    assert calls[-1]["sampler"] == SamplerSettings(chunk=2, window=6, sink=1, timesteps=(1000.0, 500.0), shift=2.0,
+                                                   positions="reindex", seed=5)
+    assert calls[-1]["settings"] == EvalSettings(clips=3, seed=5)
+    r = cli("eval", "builtin:tiny-wan", "-o", str(tmp_path / "e"))
+    assert r.returncode == 0, r.stderr
+    assert calls[-1]["sampler"] == SamplerSettings.for_model(TINY_WAN) and calls[-1]["settings"] == EvalSettings()
+
+
+def test_options_left_out_keep_the_recipes_values(cli, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlaconvert.finetune import FinetuneSettings
+
+    runs = []
+    monkeypatch.setattr("mlaconvert.finetune.finetune", lambda *a, **k: runs.append(a[2]) or SimpleNamespace(report=None))
+    r = cli("finetune", "bb-mla", "--recipe", "bouncing-balls-dc32", "--lr", "0.001", "--timesteps", "1000,500",
+            "--no-checkpointing", "-o", str(tmp_path / "ft"))
+    assert r.returncode == 0, r.stderr
+    got = runs[-1]
+    assert (got.lr, got.sampler_timesteps, got.gradient_checkpointing) == (0.001, (1000.0, 500.0), False)  # given
+    assert (got.max_steps, got.batch, got.sampler_steps) == (6, 2, 4)  # the recipe's
+    assert got.seed == FinetuneSettings.seed and got.train == FinetuneSettings.train  # neither: the dataclass's
