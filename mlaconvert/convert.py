@@ -8,11 +8,9 @@ source's own tensor, untouched — measure the conversion on the calibration tok
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,29 +52,6 @@ class Conversion:
     layers: list[dict[str, Any]]  # per-layer measurements for the rank report
     calibration: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def parse_dc(text: str) -> int | list[int] | str:
-    """--dc: an integer, `auto`, a comma-separated list, or a .json/.toml file holding a list (or {dc = [...]})."""
-    text = text.strip()
-    if text == "auto":
-        return "auto"
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)+", text):
-        return [int(x) for x in text.split(",")]
-    path = Path(text)
-    if not path.is_file():
-        raise MlaconvertError(f"--dc must be an integer, 'auto', a comma list, or a .json/.toml file (got '{text}')")
-    try:
-        data: Any = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise MlaconvertError(f"could not parse --dc file '{path}': {e}") from None
-    if isinstance(data, dict):
-        data = data.get("dc")
-    if not isinstance(data, list) or not all(isinstance(x, int) for x in data):
-        raise MlaconvertError(f"--dc file '{path}' must hold a list of integers (or a table with dc = [...])")
-    return data
 
 
 def _layer_dcs(settings: ConvertSettings, config: WanConfig) -> list[int | None]:

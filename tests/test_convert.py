@@ -10,12 +10,13 @@ import torch
 from safetensors import safe_open
 
 from mlaconvert.config import MLAConfig, WanConfig
-from mlaconvert.convert import ConvertSettings, convert_model, convert_source, parse_dc
+from mlaconvert.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.factorize import factorize_layer, key_energy_form
 from mlaconvert.rope import rope_quota
 from mlaconvert.hub import load_source
 from mlaconvert.model import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.recipes import parse_dc
 from mlaconvert.rope import grid_positions
 
 
