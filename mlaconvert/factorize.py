@@ -32,6 +32,7 @@ import torch
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.rope import axis_pairs, rope_quota
+from mlaconvert.spectra import effective_rank
 
 
 @dataclass
@@ -66,8 +67,7 @@ def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def auto_dc(sigma: torch.Tensor, energy: float, dim: int, multiple: int = 16) -> int:
     """Smallest multiple of `multiple` whose top singular values hold `energy` of Σσ² (at most dim)."""
-    cumulative = torch.cumsum(sigma.double().cpu() ** 2, 0)
-    rank = int(torch.searchsorted(cumulative / cumulative[-1], torch.tensor([energy], dtype=torch.float64)).item()) + 1
+    rank = effective_rank(sigma.double().cpu().numpy(), energy)
     return min(dim, max(multiple, math.ceil(rank / multiple) * multiple))
 
 

@@ -188,11 +188,29 @@ def test_parse_dc_forms(tmp_path):
     assert parse_dc(str(tmp_path / "dc.toml")) == [32, 64]
 
 
+def numpy_auto_dc(sigma: np.ndarray, energy: float, dim: int) -> int:
+    """The auto dc rule by hand: the first index whose cumulative energy share reaches `energy`, rounded up to 16."""
+    share = np.cumsum(sigma**2) / np.sum(sigma**2)
+    rank = int(np.argmax(share >= energy)) + 1
+    return min(dim, max(16, -(-rank // 16) * 16))
+
+
 def test_per_layer_and_auto_dc(tiny):
     conv = convert_model(tiny, ConvertSettings(dc=[16, 64], rope_dim=16, measure=False))
     assert conv.config.mla.dc == (16, 64)
-    auto = convert_model(tiny, ConvertSettings(dc="auto", energy=0.9, rope_dim=16, measure=False))
-    assert all(d % 16 == 0 and 16 <= d <= 192 for d in auto.config.mla.dc)
+    cfg = tiny.config
+    for energy in (0.5, 0.9):
+        auto = convert_model(tiny, ConvertSettings(dc="auto", energy=energy, rope_dim=16, measure=False))
+        expected = []
+        for i, pairs in enumerate(auto.config.mla.rope_pairs):
+            rope = {p for axis in pairs for p in axis}
+            rows = [h * cfg.head_dim + d for h in range(cfg.num_heads) for p in range(cfg.head_dim // 2) if p not in rope for d in (2 * p, 2 * p + 1)]
+            wk = tiny.state_dict[f"blocks.{i}.self_attn.k.weight"].double().numpy()[rows]
+            wv = tiny.state_dict[f"blocks.{i}.self_attn.v.weight"].double().numpy()
+            m = np.concatenate([np.linalg.norm(wv) / np.linalg.norm(wk) * wk, wv])
+            expected.append(numpy_auto_dc(np.linalg.svd(m, compute_uv=False), energy, cfg.dim))
+        assert auto.config.mla.dc == tuple(expected)
+        assert all(16 < d < cfg.dim for d in expected)  # neither clamp decides: the threshold does
 
 
 
