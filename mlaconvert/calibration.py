@@ -26,7 +26,6 @@ class Calibration:
 
     second_moments: list[torch.Tensor]
     samples: list[list[tuple[torch.Tensor, torch.Tensor]]]
-    tokens: int
     description: dict = field(default_factory=dict)
 
 
@@ -93,7 +92,6 @@ def calibrate(
     return Calibration(
         second_moments=[m / count for m in moments],
         samples=samples,
-        tokens=count,
         description={
             "inputs": "seeded random latents and random text embeddings (no data given)",
             "latent_shape": [cfg.in_dim, frames, height, width],

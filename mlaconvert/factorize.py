@@ -26,7 +26,7 @@ rotation move to the shared rope key, the rest N stay in the per-head content ke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,7 +45,6 @@ class LayerFactors:
     key_scale: float
     rope_energy_kept: float  # fraction of the chosen pairs' key energy the rank-1 step keeps
     alpha: torch.Tensor  # (H, rope_dim/2) complex per-head factors, kept for measuring key error
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _whitener(second_moment: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
