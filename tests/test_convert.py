@@ -256,6 +256,35 @@ def test_calibration_that_cannot_fit_gives_advice(tiny, monkeypatch):
     assert conv.calibration is None
 
 
+def test_calibration_second_moment_is_the_mean_over_every_recorded_token(tiny):
+    from mlaconvert.calibration import calibrate
+    from mlaconvert.model import load_model
+
+    model = load_model(tiny.config, tiny.state_dict).eval()
+    timesteps = (1000.0, 500.0)
+    calib = calibrate(model, frames=2, height=8, width=8, timesteps=timesteps, keep_samples=len(timesteps))
+    for moment, samples in zip(calib.second_moments, calib.samples):
+        assert len(samples) == len(timesteps)  # batch 1: the kept samples are every token the layer saw
+        x = np.concatenate([s[0].double().numpy().reshape(-1, tiny.config.dim) for s in samples])
+        aug = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        assert calib.description["tokens"] == len(x)
+        np.testing.assert_allclose(moment.numpy(), aug.T @ aug / calib.description["tokens"], rtol=1e-6, atol=1e-9)
+
+
+def test_recording_forwards_sees_each_module_and_stops_on_leaving():
+    from mlaconvert.calibration import recording_forwards
+
+    modules = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)]
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    x = torch.randn(5, 3)
+    with recording_forwards(modules, lambda i, args, y: seen.append((i, args[0], y))):
+        outputs = [m(x) for m in reversed(modules)]
+    assert [i for i, _, _ in seen] == [1, 0]
+    assert all(a is x and torch.equal(y, out) for (_, a, y), out in zip(seen, outputs))
+    modules[0](x)
+    assert len(seen) == 2
+
+
 def _energy_objective(q: np.ndarray, p: np.ndarray, n: np.ndarray) -> float:
     """E over z ~ N(0, I) of (zᵀ (Pᵀ Q P - N) z)², by the Gaussian identity 2|D|_F² + (tr D)²."""
     d = p.T @ q @ p - n
