@@ -203,16 +203,14 @@ def measure_layer(
     latents = []
     for x, positions in samples:
         k_true = dense.k(x).view(*x.shape[:-1], h, hd // 2, 2)
-        c, r = latent.entries(x)
-        latents.append(c.reshape(-1, c.shape[-1]))
+        entries = latent.entries(x)
+        latents.append(entries[0].reshape(-1, entries[0].shape[-1]))
+        keys, scale = latent.head_keys(entries)
         k_hat = torch.empty_like(k_true)
-        k_hat[..., content, :] = latent.k_up(c).view(*x.shape[:-1], h, len(content), 2)
-        r_c = torch.complex(*r.view(*x.shape[:-1], 1, len(rope), 2).unbind(-1))
-        prod = factors.alpha.to(r_c.dtype) * r_c  # (..., H, R): the post-norm-weight key each head gets
-        k_hat[..., rope, :] = torch.stack([prod.real, prod.imag], dim=-1) / g_k[:, rope]
-        scale = latent.key_scale(latent.k_up(c), r).unsqueeze(-1).unsqueeze(-1)
-        kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale * g_k
-        v_true, v_hat = dense.v(x), latent.v_up(c)
+        k_hat[..., content + rope, :] = keys.unflatten(-1, (-1, 2))  # the latent's [content ; rope] -> dense pair order
+        k_hat[..., rope, :] /= g_k[:, rope]
+        kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale.unsqueeze(-1).unsqueeze(-1) * g_k
+        v_true, v_hat = dense.v(x), latent.v_up(entries[0])
         a_true, a_hat = dense(x, positions), latent(x, positions)
         pairs = {"k": (k_true, k_hat), "k_normed": (kn_true, kn_hat), "v": (v_true, v_hat), "attn": (a_true, a_hat)}
         for key, (t, e) in pairs.items():

@@ -44,7 +44,6 @@ class LayerFactors:
     kv_singular_values: torch.Tensor  # of the (weighted) balanced content joint matrix M, all of them
     key_scale: float
     rope_energy_kept: float  # fraction of the chosen pairs' key energy the rank-1 step keeps
-    alpha: torch.Tensor  # (H, rope_dim/2) complex per-head factors, kept for measuring key error
 
 
 def _whitener(second_moment: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -252,5 +251,4 @@ def factorize_layer(
         kv_singular_values=sv.float().cpu(),
         key_scale=key_scale,
         rope_energy_kept=rope_kept,
-        alpha=alpha.T.contiguous().cpu(),
     )

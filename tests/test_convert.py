@@ -44,12 +44,18 @@ def dense_attention(heads: int, head_dim: int, seed: int = 0, shared_rope_direct
     return attn
 
 
+def dense_config(heads: int, head_dim: int) -> WanConfig:
+    return WanConfig(dim=heads * head_dim, num_heads=heads, ffn_dim=8, num_layers=1)
+
+
+def mla_config(heads: int, head_dim: int, dc: int, rope_dim: int, factors, q_rank: int | None = None) -> WanConfig:
+    mla = MLAConfig(dc=(dc,), rope_dim=rope_dim, nope_dim=head_dim - rope_dim, q_rank=q_rank, rope_pairs=(factors.rope_pairs,))
+    return dense_config(heads, head_dim).replace(mla=mla)
+
+
 def latent_from(attn: DenseSelfAttention, heads: int, head_dim: int, dc: int, rope_dim: int, **kw):
     factors = factorize_layer(dict(attn.state_dict()), num_heads=heads, dc=dc, rope_dim=rope_dim, **kw)
-    config = WanConfig(dim=heads * head_dim, num_heads=heads, ffn_dim=8, num_layers=1).replace(
-        mla=MLAConfig(dc=(dc,), rope_dim=rope_dim, nope_dim=head_dim - rope_dim, q_rank=kw.get("q_rank"), rope_pairs=(factors.rope_pairs,))
-    )
-    latent = LatentSelfAttention(config, 0).double()
+    latent = LatentSelfAttention(mla_config(heads, head_dim, dc, rope_dim, factors, kw.get("q_rank")), 0).double()
     latent.load_state_dict({k: v.double() for k, v in factors.weights.items()})
     return latent, factors
 
@@ -80,6 +86,22 @@ def test_rope_key_is_exact_when_heads_share_a_direction():
     assert factors2.rope_energy_kept < 0.9
     with torch.no_grad():
         assert relative(latent2(x, pos), other(x, pos)) > 1e-2
+
+
+def test_measured_key_errors_vanish_exactly_when_the_layer_is_exact():
+    from mlaconvert.convert import measure_layer
+
+    heads, hd = 3, 24
+    x, pos = torch.randn(1, 2 * 3 * 4, heads * hd), grid_positions(2, 3, 4)
+    errors = {}
+    for shared in (True, False):
+        dense = dense_attention(heads, hd, seed=1, shared_rope_direction=shared)
+        factors = factorize_layer(dict(dense.state_dict()), num_heads=heads, dc=heads * hd, rope_dim=24)
+        mla = mla_config(heads, hd, heads * hd, 24, factors)
+        errors[shared] = measure_layer(dict(dense.state_dict()), factors, [(x, pos)], dense_config(heads, hd), mla, 0)
+    assert max(errors[True][k] for k in ("k_error", "k_normed_error", "v_error", "attn_error")) < 1e-5
+    # Heads that disagree on the rope direction: the shared rank-1 key misses, and the measure sees it.
+    assert errors[False]["k_error"] > 1e-2 and errors[False]["k_normed_error"] > 1e-2 and errors[False]["v_error"] < 1e-5
 
 
 @pytest.mark.parametrize("dc", [8, 30, 60])
