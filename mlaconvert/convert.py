@@ -7,11 +7,12 @@ source's own tensor, untouched — measure the conversion on the calibration tok
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,43 +98,69 @@ def convert_model(
     on_step: Callable[[str, int, int], None] | None = None,
 ) -> Conversion:
     """Factorise every layer of a dense checkpoint. `on_step(stage, done, total)` reports progress."""
-    config = checkpoint.config
-    check_settings(settings, config)
+    check_settings(settings, checkpoint.config)
     device = torch.device(device)
-    dcs = _layer_dcs(settings, config)
     seconds: dict[str, float] = {}
     notify = on_step or (lambda *_: None)
-
     calib: Calibration | None = None
-    dense = None
     if settings.measure or settings.init == "asvd":
-        start = time.perf_counter()
-        model_bytes = sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values())
-        check_fits(model_bytes, device)
-        notify("calibration", 0, 1)
-        dense = load_model(config, checkpoint.state_dict, device=device).eval()
-        calib = calibrate(
-            dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed
-        )
-        seconds["calibration"] = time.perf_counter() - start
-        notify("calibration", 1, 1)
+        with _timed(seconds, "calibration"):
+            calib = _calibrate(checkpoint, settings, device, notify)
+    with _timed(seconds, "factorise"):
+        factors = _factorize_layers(checkpoint, settings, calib, device, notify)
+    mla_config = _mla_config(checkpoint, settings, factors)
+    with _timed(seconds, "measure"):
+        layers = _layer_records(checkpoint, factors, mla_config, settings, calib, notify)
+    return Conversion(
+        config=mla_config,
+        state_dict=_mla_state_dict(checkpoint.state_dict, factors),
+        layers=layers,
+        calibration=calib.description if calib else None,
+        seconds=seconds,
+    )
 
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - start
+
+
+def _calibrate(checkpoint: Checkpoint, settings: ConvertSettings, device: torch.device, notify: Callable[[str, int, int], None]) -> Calibration:
+    check_fits(sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values()), device)
+    notify("calibration", 0, 1)
+    dense = load_model(checkpoint.config, checkpoint.state_dict, device=device).eval()
+    calib = calibrate(dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed)
+    notify("calibration", 1, 1)
+    return calib
+
+
+def _factorize_layers(
+    checkpoint: Checkpoint,
+    settings: ConvertSettings,
+    calib: Calibration | None,
+    device: torch.device,
+    notify: Callable[[str, int, int], None],
+) -> list[LayerFactors]:
+    config = checkpoint.config
+    # One generator across the layers: a random init draws each layer's factors from where the last one stopped.
     generator = torch.Generator().manual_seed(settings.seed)
-    factors: list[LayerFactors] = []
-    for i in range(config.num_layers):
+    factors = []
+    for i, dc in enumerate(_layer_dcs(settings, config)):
         attn = {k: v.to(device) for k, v in _attn_weights(checkpoint.state_dict, i).items()}
         moment = calib.second_moments[i].to(device) if calib is not None and settings.init == "asvd" else None
-        dc = dcs[i]
-        f = factorize_layer(
+        factors.append(factorize_layer(
             attn, num_heads=config.num_heads, dc=dc, rope_dim=settings.rope_dim, q_rank=settings.q_rank,
             init=settings.init, second_moment=moment, generator=generator, energy=settings.energy,
-        )
-        factors.append(f)
+        ))
         notify("factorise", i + 1, config.num_layers)
-    seconds["factorise"] = time.perf_counter() - start
+    return factors
 
-    mla = MLAConfig(
+
+def _mla_config(checkpoint: Checkpoint, settings: ConvertSettings, factors: list[LayerFactors]) -> WanConfig:
+    config = checkpoint.config
+    return config.replace(mla=MLAConfig(
         dc=tuple(f.weights["kv_down.weight"].shape[0] for f in factors),
         rope_dim=settings.rope_dim,
         nope_dim=config.head_dim - settings.rope_dim,
@@ -143,16 +170,30 @@ def convert_model(
         seed=settings.seed,
         source=_source_record(checkpoint),
         mlaconvert_version=__version__,
-    )
-    mla_config = config.replace(mla=mla)
-    state = {k: v for k, v in checkpoint.state_dict.items() if ".self_attn." not in k}
+    ))
+
+
+def _mla_state_dict(state_dict: dict[str, torch.Tensor], factors: list[LayerFactors]) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in state_dict.items() if ".self_attn." not in k}
     for i, f in enumerate(factors):
         state.update({f"blocks.{i}.self_attn.{k}": v.detach().to("cpu").contiguous() for k, v in f.weights.items()})
+    return state
 
-    start = time.perf_counter()
+
+def _layer_records(
+    checkpoint: Checkpoint,
+    factors: list[LayerFactors],
+    mla_config: WanConfig,
+    settings: ConvertSettings,
+    calib: Calibration | None,
+    notify: Callable[[str, int, int], None],
+) -> list[dict[str, Any]]:
+    """Per layer, what the rank report adds: the choices, the spectral prediction and (calibrated) the measured errors."""
+    config, mla = checkpoint.config, mla_config.mla
+    assert mla is not None
     layers = []
     for i, f in enumerate(factors):
-        entry = {
+        entry: dict[str, Any] = {
             "index": i,
             "dc": mla.dc[i],
             "rope_pairs": {axis: list(pairs) for axis, pairs in zip(AXES, f.rope_pairs)},
@@ -163,19 +204,10 @@ def convert_model(
         energy_at, error_at = truncation_at(f.kv_singular_values.numpy(), mla.dc[i])
         entry["spectral_prediction"] = {"energy_at_dc": energy_at, "spectral_error_at_dc": error_at, "weighted": settings.init == "asvd"}
         if calib is not None:
-            entry["measured"] = measure_layer(
-                _attn_weights(checkpoint.state_dict, i), f, calib.samples[i], config, mla_config, i
-            )
+            entry["measured"] = measure_layer(_attn_weights(checkpoint.state_dict, i), f, calib.samples[i], config, mla_config, i)
         layers.append(entry)
         notify("measure", i + 1, config.num_layers)
-    seconds["measure"] = time.perf_counter() - start
-    return Conversion(
-        config=mla_config,
-        state_dict=state,
-        layers=layers,
-        calibration=calib.description if calib else None,
-        seconds=seconds,
-    )
+    return layers
 
 
 @torch.no_grad()
