@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,21 +226,16 @@ def measure_layer(
     dense.load_state_dict({k: v.float() for k, v in dense_weights.items()})
     latent = LatentSelfAttention(mla_config, layer).float()
     latent.load_state_dict({k: v.float() for k, v in factors.weights.items()})
-    h, hd = config.num_heads, config.head_dim
-    rope = [p for axis in factors.rope_pairs for p in axis]
-    content = [p for p in range(hd // 2) if p not in set(rope)]
-    g_k = dense.norm_k.weight.view(h, hd // 2, 2)
+    key_shape = (config.num_heads, config.head_dim // 2, 2)
+    g_k = dense.norm_k.weight.view(key_shape)
     num = dict.fromkeys(("k", "k_normed", "v", "attn"), 0.0)
     den = dict.fromkeys(num, 0.0)
     latents = []
     for x, positions in samples:
-        k_true = dense.k(x).view(*x.shape[:-1], h, hd // 2, 2)
+        k_true = dense.k(x).view(*x.shape[:-1], *key_shape)
         entries = latent.entries(x)
         latents.append(entries[0].reshape(-1, entries[0].shape[-1]))
-        keys, scale = latent.head_keys(entries)
-        k_hat = torch.empty_like(k_true)
-        k_hat[..., content + rope, :] = keys.unflatten(-1, (-1, 2))  # the latent's [content ; rope] -> dense pair order
-        k_hat[..., rope, :] /= g_k[:, rope]
+        k_hat, scale = dense_layout_keys(latent, entries, factors.rope_pairs, g_k)
         kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale.unsqueeze(-1).unsqueeze(-1) * g_k
         v_true, v_hat = dense.v(x), latent.v_up(entries[0])
         a_true, a_hat = dense(x, positions), latent(x, positions)
@@ -251,6 +246,21 @@ def measure_layer(
     out: dict[str, Any] = {f"{k}_error": math.sqrt(num[k] / den[k]) if den[k] else 0.0 for k in num}
     out["latents"] = torch.cat(latents)
     return out
+
+
+def dense_layout_keys(
+    latent: LatentSelfAttention, entries: tuple[torch.Tensor, ...], rope_pairs: Sequence[Sequence[int]], g_k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm dense key a latent layer stands for, (..., H, head_dim/2, 2) in the dense layer's pair order,
+    and the per-token key scale s (..., 1). g_k: Wan's key-norm weight as (H, head_dim/2, 2); r carries it on the
+    rope dims, so it is divided out there to compare with the dense W_K x + b_K."""
+    rope = [p for axis in rope_pairs for p in axis]
+    content = [p for p in range(g_k.shape[1]) if p not in set(rope)]
+    keys, scale = latent.head_keys(entries)
+    k_hat = keys.new_empty(*keys.shape[:-1], *g_k.shape[1:])
+    k_hat[..., content + rope, :] = keys.unflatten(-1, (-1, 2))
+    k_hat[..., rope, :] /= g_k[:, rope]
+    return k_hat, scale
 
 
 def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:
