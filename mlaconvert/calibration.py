@@ -8,10 +8,14 @@ give more faithful statistics.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.model import WanModel
@@ -26,7 +30,6 @@ class Calibration:
 
     second_moments: list[torch.Tensor]
     samples: list[list[tuple[torch.Tensor, torch.Tensor]]]
-    tokens: int
     description: dict = field(default_factory=dict)
 
 
@@ -44,6 +47,21 @@ def check_fits(model_bytes: int, device: torch.device) -> None:
             f"calibration runs the dense model ({model_bytes / 2**30:.1f} GiB) but only {free / 2**30:.1f} GiB is free "
             f"on {device}: use --init svd or --init random with --no-measure (no calibration), or a bigger device"
         )
+
+
+@contextlib.contextmanager
+def recording_forwards(modules: Sequence[nn.Module], record: Callable[[int, tuple[Any, ...], Any], None]) -> Iterator[None]:
+    """Inside, every forward of modules[i] calls record(i, its positional inputs, its output).
+
+    The hooks are gone on leaving, so nothing outside the block records: an activation-checkpointing
+    recomputation during backward, or a later forward of the same model.
+    """
+    handles = [m.register_forward_hook(lambda _m, args, out, i=i: record(i, args, out)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -70,30 +88,22 @@ def calibrate(
     samples: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
     count = 0
 
-    def hook(index: int):
-        def record(_module, args):
-            x, positions = args[0], args[1]
-            flat = x.reshape(-1, x.shape[-1]).double().cpu()
-            aug = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
-            moments[index].add_(aug.T @ aug)
-            if len(samples[index]) < keep_samples:
-                samples[index].append((x[:1].float().cpu(), positions.cpu()))
+    def record(index: int, args: tuple[Any, ...], _output: Any) -> None:
+        x, positions = args[0], args[1]
+        flat = x.reshape(-1, x.shape[-1]).double().cpu()
+        aug = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
+        moments[index].add_(aug.T @ aug)
+        if len(samples[index]) < keep_samples:
+            samples[index].append((x[:1].float().cpu(), positions.cpu()))
 
-        return record
-
-    handles = [block.self_attn.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.blocks)]
-    try:
+    with recording_forwards([block.self_attn for block in model.blocks], record):
         for t in timesteps:
             latents = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen)
             model(latents.to(device, dtype), torch.tensor([t], device=device), text.to(device, dtype))
             count += frames * height * width // (cfg.patch_size[1] * cfg.patch_size[2] * cfg.patch_size[0])
-    finally:
-        for h in handles:
-            h.remove()
     return Calibration(
         second_moments=[m / count for m in moments],
         samples=samples,
-        tokens=count,
         description={
             "inputs": "seeded random latents and random text embeddings (no data given)",
             "latent_shape": [cfg.in_dim, frames, height, width],

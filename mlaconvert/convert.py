@@ -7,13 +7,12 @@ source's own tensor, untouched — measure the conversion on the calibration tok
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import math
 import re
 import time
-import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,29 +55,6 @@ class Conversion:
     layers: list[dict[str, Any]]  # per-layer measurements for the rank report
     calibration: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def parse_dc(text: str) -> int | list[int] | str:
-    """--dc: an integer, `auto`, a comma-separated list, or a .json/.toml file holding a list (or {dc = [...]})."""
-    text = text.strip()
-    if text == "auto":
-        return "auto"
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)+", text):
-        return [int(x) for x in text.split(",")]
-    path = Path(text)
-    if not path.is_file():
-        raise MlaconvertError(f"--dc must be an integer, 'auto', a comma list, or a .json/.toml file (got '{text}')")
-    try:
-        data: Any = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise MlaconvertError(f"could not parse --dc file '{path}': {e}") from None
-    if isinstance(data, dict):
-        data = data.get("dc")
-    if not isinstance(data, list) or not all(isinstance(x, int) for x in data):
-        raise MlaconvertError(f"--dc file '{path}' must hold a list of integers (or a table with dc = [...])")
-    return data
 
 
 def _layer_dcs(settings: ConvertSettings, config: WanConfig) -> list[int | None]:
@@ -124,43 +100,69 @@ def convert_model(
     on_step: Callable[[str, int, int], None] | None = None,
 ) -> Conversion:
     """Factorise every layer of a dense checkpoint. `on_step(stage, done, total)` reports progress."""
-    config = checkpoint.config
-    check_settings(settings, config)
+    check_settings(settings, checkpoint.config)
     device = torch.device(device)
-    dcs = _layer_dcs(settings, config)
     seconds: dict[str, float] = {}
     notify = on_step or (lambda *_: None)
-
     calib: Calibration | None = None
-    dense = None
     if settings.measure or settings.init == "asvd":
-        start = time.perf_counter()
-        model_bytes = sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values())
-        check_fits(model_bytes, device)
-        notify("calibration", 0, 1)
-        dense = load_model(config, checkpoint.state_dict, device=device).eval()
-        calib = calibrate(
-            dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed
-        )
-        seconds["calibration"] = time.perf_counter() - start
-        notify("calibration", 1, 1)
+        with _timed(seconds, "calibration"):
+            calib = _calibrate(checkpoint, settings, device, notify)
+    with _timed(seconds, "factorise"):
+        factors = _factorize_layers(checkpoint, settings, calib, device, notify)
+    mla_config = _mla_config(checkpoint, settings, factors)
+    with _timed(seconds, "measure"):
+        layers = _layer_records(checkpoint, factors, mla_config, settings, calib, notify)
+    return Conversion(
+        config=mla_config,
+        state_dict=_mla_state_dict(checkpoint.state_dict, factors),
+        layers=layers,
+        calibration=calib.description if calib else None,
+        seconds=seconds,
+    )
 
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - start
+
+
+def _calibrate(checkpoint: Checkpoint, settings: ConvertSettings, device: torch.device, notify: Callable[[str, int, int], None]) -> Calibration:
+    check_fits(sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values()), device)
+    notify("calibration", 0, 1)
+    dense = load_model(checkpoint.config, checkpoint.state_dict, device=device).eval()
+    calib = calibrate(dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed)
+    notify("calibration", 1, 1)
+    return calib
+
+
+def _factorize_layers(
+    checkpoint: Checkpoint,
+    settings: ConvertSettings,
+    calib: Calibration | None,
+    device: torch.device,
+    notify: Callable[[str, int, int], None],
+) -> list[LayerFactors]:
+    config = checkpoint.config
+    # One generator across the layers: a random init draws each layer's factors from where the last one stopped.
     generator = torch.Generator().manual_seed(settings.seed)
-    factors: list[LayerFactors] = []
-    for i in range(config.num_layers):
+    factors = []
+    for i, dc in enumerate(_layer_dcs(settings, config)):
         attn = {k: v.to(device) for k, v in _attn_weights(checkpoint.state_dict, i).items()}
         moment = calib.second_moments[i].to(device) if calib is not None and settings.init == "asvd" else None
-        dc = dcs[i]
-        f = factorize_layer(
+        factors.append(factorize_layer(
             attn, num_heads=config.num_heads, dc=dc, rope_dim=settings.rope_dim, q_rank=settings.q_rank,
             init=settings.init, second_moment=moment, generator=generator, energy=settings.energy,
-        )
-        factors.append(f)
+        ))
         notify("factorise", i + 1, config.num_layers)
-    seconds["factorise"] = time.perf_counter() - start
+    return factors
 
-    mla = MLAConfig(
+
+def _mla_config(checkpoint: Checkpoint, settings: ConvertSettings, factors: list[LayerFactors]) -> WanConfig:
+    config = checkpoint.config
+    return config.replace(mla=MLAConfig(
         dc=tuple(f.weights["kv_down.weight"].shape[0] for f in factors),
         rope_dim=settings.rope_dim,
         nope_dim=config.head_dim - settings.rope_dim,
@@ -170,16 +172,30 @@ def convert_model(
         seed=settings.seed,
         source=_source_record(checkpoint),
         mlaconvert_version=__version__,
-    )
-    mla_config = config.replace(mla=mla)
-    state = {k: v for k, v in checkpoint.state_dict.items() if ".self_attn." not in k}
+    ))
+
+
+def _mla_state_dict(state_dict: dict[str, torch.Tensor], factors: list[LayerFactors]) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in state_dict.items() if ".self_attn." not in k}
     for i, f in enumerate(factors):
         state.update({f"blocks.{i}.self_attn.{k}": v.detach().to("cpu").contiguous() for k, v in f.weights.items()})
+    return state
 
-    start = time.perf_counter()
+
+def _layer_records(
+    checkpoint: Checkpoint,
+    factors: list[LayerFactors],
+    mla_config: WanConfig,
+    settings: ConvertSettings,
+    calib: Calibration | None,
+    notify: Callable[[str, int, int], None],
+) -> list[dict[str, Any]]:
+    """Per layer, what the rank report adds: the choices, the spectral prediction and (calibrated) the measured errors."""
+    config, mla = checkpoint.config, mla_config.mla
+    assert mla is not None
     layers = []
     for i, f in enumerate(factors):
-        entry = {
+        entry: dict[str, Any] = {
             "index": i,
             "dc": mla.dc[i],
             "rope_pairs": {axis: list(pairs) for axis, pairs in zip(AXES, f.rope_pairs)},
@@ -190,19 +206,10 @@ def convert_model(
         energy_at, error_at = truncation_at(f.kv_singular_values.numpy(), mla.dc[i])
         entry["spectral_prediction"] = {"energy_at_dc": energy_at, "spectral_error_at_dc": error_at, "weighted": settings.init == "asvd"}
         if calib is not None:
-            entry["measured"] = measure_layer(
-                _attn_weights(checkpoint.state_dict, i), f, calib.samples[i], config, mla_config, i
-            )
+            entry["measured"] = measure_layer(_attn_weights(checkpoint.state_dict, i), f, calib.samples[i], config, mla_config, i)
         layers.append(entry)
         notify("measure", i + 1, config.num_layers)
-    seconds["measure"] = time.perf_counter() - start
-    return Conversion(
-        config=mla_config,
-        state_dict=state,
-        layers=layers,
-        calibration=calib.description if calib else None,
-        seconds=seconds,
-    )
+    return layers
 
 
 @torch.no_grad()
@@ -221,25 +228,18 @@ def measure_layer(
     dense.load_state_dict({k: v.float() for k, v in dense_weights.items()})
     latent = LatentSelfAttention(mla_config, layer).float()
     latent.load_state_dict({k: v.float() for k, v in factors.weights.items()})
-    h, hd = config.num_heads, config.head_dim
-    rope = [p for axis in factors.rope_pairs for p in axis]
-    content = [p for p in range(hd // 2) if p not in set(rope)]
-    g_k = dense.norm_k.weight.view(h, hd // 2, 2)
+    key_shape = (config.num_heads, config.head_dim // 2, 2)
+    g_k = dense.norm_k.weight.view(key_shape)
     num = dict.fromkeys(("k", "k_normed", "v", "attn"), 0.0)
     den = dict.fromkeys(num, 0.0)
     latents = []
     for x, positions in samples:
-        k_true = dense.k(x).view(*x.shape[:-1], h, hd // 2, 2)
-        c, r = latent.entries(x)
-        latents.append(c.reshape(-1, c.shape[-1]))
-        k_hat = torch.empty_like(k_true)
-        k_hat[..., content, :] = latent.k_up(c).view(*x.shape[:-1], h, len(content), 2)
-        r_c = torch.complex(*r.view(*x.shape[:-1], 1, len(rope), 2).unbind(-1))
-        prod = factors.alpha.to(r_c.dtype) * r_c  # (..., H, R): the post-norm-weight key each head gets
-        k_hat[..., rope, :] = torch.stack([prod.real, prod.imag], dim=-1) / g_k[:, rope]
-        scale = latent.key_scale(latent.k_up(c), r).unsqueeze(-1).unsqueeze(-1)
-        kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale * g_k
-        v_true, v_hat = dense.v(x), latent.v_up(c)
+        k_true = dense.k(x).view(*x.shape[:-1], *key_shape)
+        entries = latent.entries(x)
+        latents.append(entries[0].reshape(-1, entries[0].shape[-1]))
+        k_hat, scale = dense_layout_keys(latent, entries, factors.rope_pairs, g_k)
+        kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale.unsqueeze(-1).unsqueeze(-1) * g_k
+        v_true, v_hat = dense.v(x), latent.v_up(entries[0])
         a_true, a_hat = dense(x, positions), latent(x, positions)
         pairs = {"k": (k_true, k_hat), "k_normed": (kn_true, kn_hat), "v": (v_true, v_hat), "attn": (a_true, a_hat)}
         for key, (t, e) in pairs.items():
@@ -248,6 +248,21 @@ def measure_layer(
     out: dict[str, Any] = {f"{k}_error": math.sqrt(num[k] / den[k]) if den[k] else 0.0 for k in num}
     out["latents"] = torch.cat(latents)
     return out
+
+
+def dense_layout_keys(
+    latent: LatentSelfAttention, entries: tuple[torch.Tensor, ...], rope_pairs: Sequence[Sequence[int]], g_k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm dense key a latent layer stands for, (..., H, head_dim/2, 2) in the dense layer's pair order,
+    and the per-token key scale s (..., 1). g_k: Wan's key-norm weight as (H, head_dim/2, 2); r carries it on the
+    rope dims, so it is divided out there to compare with the dense W_K x + b_K."""
+    rope = [p for axis in rope_pairs for p in axis]
+    content = [p for p in range(g_k.shape[1]) if p not in set(rope)]
+    keys, scale = latent.head_keys(entries)
+    k_hat = keys.new_empty(*keys.shape[:-1], *g_k.shape[1:])
+    k_hat[..., content + rope, :] = keys.unflatten(-1, (-1, 2))
+    k_hat[..., rope, :] /= g_k[:, rope]
+    return k_hat, scale
 
 
 def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mlaconvert.agreement import teacher_agreement
+from mlaconvert.calibration import recording_forwards
 from mlaconvert.clips import Clips
 from mlaconvert.model import WanModel
 from mlaconvert.objective import count_step_flops
@@ -25,14 +26,10 @@ def held_out_latents(model: WanModel, clips: torch.Tensor, text: torch.Tensor, c
     """Per layer, the latents c the cache would hold for the held-out clips: kv_down of the clean (t = 0) tokens."""
     device = next(model.parameters()).device
     found: list[torch.Tensor] = []
-    handles = [b.self_attn.kv_down.register_forward_hook(lambda _m, _a, y: found.append(y)) for b in model.blocks]
-    try:
+    with recording_forwards([b.self_attn.kv_down for b in model.blocks], lambda _i, _args, y: found.append(y)):
         clean = clips.to(device)
         t = torch.zeros(clean.shape[0], clean.shape[2], device=device)
         model(clean, t, text.to(device), chunk_frames=chunk, clean=clean)
-    finally:
-        for h in handles:
-            h.remove()
     # The teacher-forcing forward runs the clean copy first: the first half of each layer's tokens.
     return [c[:, : c.shape[1] // 2].reshape(-1, c.shape[-1]).float().cpu() for c in found]
 

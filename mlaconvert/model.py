@@ -232,6 +232,20 @@ class LatentSelfAttention(Attention):
         energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
         return torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
 
+    def head_keys(self, entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's key, unrotated and before the per-token scale, (..., H, head_dim) = [k_up(c)^h ; mix^hᵀ r],
+        and that scale s (..., 1).
+
+        The query's rope mix is a complex scale per pair, which commutes with the rotation, so moved to the key
+        side it gives the key each head's scores see: the pre-norm dense key this layer stands for, except for
+        Wan's key-norm weight (inside r on the rope dims, in norm_q on the content dims).
+        """
+        c, r = entries
+        k_c = self.k_up(c)
+        k_r = torch.einsum("...pj,hpji->...hpi", r.float().unflatten(-1, (-1, 2)), self.q_rope_mix.float()).flatten(-2)
+        k = torch.cat([k_c.float().unflatten(-1, (self.num_heads, self.nope_dim)), k_r], dim=-1)
+        return k, self.key_scale(k_c, r)
+
     def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, r = entries
         k_c = self.k_up(c)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlaconvert.calibration import recording_forwards
 from mlaconvert.config import WanConfig
 from mlaconvert.model import WanModel
 from mlaconvert.sampling import SamplerSettings, warp_timesteps
@@ -75,12 +76,9 @@ class AttentionOutputs:
         # Hooks are removed before backward: activation checkpointing re-runs the forward then, and the
         # recomputation must not record a second time.
         self.outputs = []
-        handles = [b.self_attn.register_forward_hook(lambda _m, _a, y: self.outputs.append(y)) for b in self.model.blocks] if on else []
-        try:
+        modules = [b.self_attn for b in self.model.blocks] if on else []
+        with recording_forwards(modules, lambda _i, _args, y: self.outputs.append(y)):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def noised(clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ import torch
 from safetensors import safe_open
 
 from mlaconvert.config import MLAConfig, WanConfig
-from mlaconvert.convert import ConvertSettings, convert_model, convert_source, parse_dc
+from mlaconvert.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.factorize import factorize_layer, key_energy_form
 from mlaconvert.rope import rope_quota
 from mlaconvert.hub import load_source
 from mlaconvert.model import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.recipes import parse_dc
 from mlaconvert.rope import grid_positions
 
 
@@ -43,12 +44,18 @@ def dense_attention(heads: int, head_dim: int, seed: int = 0, shared_rope_direct
     return attn
 
 
+def dense_config(heads: int, head_dim: int) -> WanConfig:
+    return WanConfig(dim=heads * head_dim, num_heads=heads, ffn_dim=8, num_layers=1)
+
+
+def mla_config(heads: int, head_dim: int, dc: int, rope_dim: int, factors, q_rank: int | None = None) -> WanConfig:
+    mla = MLAConfig(dc=(dc,), rope_dim=rope_dim, nope_dim=head_dim - rope_dim, q_rank=q_rank, rope_pairs=(factors.rope_pairs,))
+    return dense_config(heads, head_dim).replace(mla=mla)
+
+
 def latent_from(attn: DenseSelfAttention, heads: int, head_dim: int, dc: int, rope_dim: int, **kw):
     factors = factorize_layer(dict(attn.state_dict()), num_heads=heads, dc=dc, rope_dim=rope_dim, **kw)
-    config = WanConfig(dim=heads * head_dim, num_heads=heads, ffn_dim=8, num_layers=1).replace(
-        mla=MLAConfig(dc=(dc,), rope_dim=rope_dim, nope_dim=head_dim - rope_dim, q_rank=kw.get("q_rank"), rope_pairs=(factors.rope_pairs,))
-    )
-    latent = LatentSelfAttention(config, 0).double()
+    latent = LatentSelfAttention(mla_config(heads, head_dim, dc, rope_dim, factors, kw.get("q_rank")), 0).double()
     latent.load_state_dict({k: v.double() for k, v in factors.weights.items()})
     return latent, factors
 
@@ -79,6 +86,22 @@ def test_rope_key_is_exact_when_heads_share_a_direction():
     assert factors2.rope_energy_kept < 0.9
     with torch.no_grad():
         assert relative(latent2(x, pos), other(x, pos)) > 1e-2
+
+
+def test_measured_key_errors_vanish_exactly_when_the_layer_is_exact():
+    from mlaconvert.convert import measure_layer
+
+    heads, hd = 3, 24
+    x, pos = torch.randn(1, 2 * 3 * 4, heads * hd), grid_positions(2, 3, 4)
+    errors = {}
+    for shared in (True, False):
+        dense = dense_attention(heads, hd, seed=1, shared_rope_direction=shared)
+        factors = factorize_layer(dict(dense.state_dict()), num_heads=heads, dc=heads * hd, rope_dim=24)
+        mla = mla_config(heads, hd, heads * hd, 24, factors)
+        errors[shared] = measure_layer(dict(dense.state_dict()), factors, [(x, pos)], dense_config(heads, hd), mla, 0)
+    assert max(errors[True][k] for k in ("k_error", "k_normed_error", "v_error", "attn_error")) < 1e-5
+    # Heads that disagree on the rope direction: the shared rank-1 key misses, and the measure sees it.
+    assert errors[False]["k_error"] > 1e-2 and errors[False]["k_normed_error"] > 1e-2 and errors[False]["v_error"] < 1e-5
 
 
 @pytest.mark.parametrize("dc", [8, 30, 60])
@@ -187,11 +210,29 @@ def test_parse_dc_forms(tmp_path):
     assert parse_dc(str(tmp_path / "dc.toml")) == [32, 64]
 
 
+def numpy_auto_dc(sigma: np.ndarray, energy: float, dim: int) -> int:
+    """The auto dc rule by hand: the first index whose cumulative energy share reaches `energy`, rounded up to 16."""
+    share = np.cumsum(sigma**2) / np.sum(sigma**2)
+    rank = int(np.argmax(share >= energy)) + 1
+    return min(dim, max(16, -(-rank // 16) * 16))
+
+
 def test_per_layer_and_auto_dc(tiny):
     conv = convert_model(tiny, ConvertSettings(dc=[16, 64], rope_dim=16, measure=False))
     assert conv.config.mla.dc == (16, 64)
-    auto = convert_model(tiny, ConvertSettings(dc="auto", energy=0.9, rope_dim=16, measure=False))
-    assert all(d % 16 == 0 and 16 <= d <= 192 for d in auto.config.mla.dc)
+    cfg = tiny.config
+    for energy in (0.5, 0.9):
+        auto = convert_model(tiny, ConvertSettings(dc="auto", energy=energy, rope_dim=16, measure=False))
+        expected = []
+        for i, pairs in enumerate(auto.config.mla.rope_pairs):
+            rope = {p for axis in pairs for p in axis}
+            rows = [h * cfg.head_dim + d for h in range(cfg.num_heads) for p in range(cfg.head_dim // 2) if p not in rope for d in (2 * p, 2 * p + 1)]
+            wk = tiny.state_dict[f"blocks.{i}.self_attn.k.weight"].double().numpy()[rows]
+            wv = tiny.state_dict[f"blocks.{i}.self_attn.v.weight"].double().numpy()
+            m = np.concatenate([np.linalg.norm(wv) / np.linalg.norm(wk) * wk, wv])
+            expected.append(numpy_auto_dc(np.linalg.svd(m, compute_uv=False), energy, cfg.dim))
+        assert auto.config.mla.dc == tuple(expected)
+        assert all(16 < d < cfg.dim for d in expected)  # neither clamp decides: the threshold does
 
 
 
@@ -235,6 +276,35 @@ def test_calibration_that_cannot_fit_gives_advice(tiny, monkeypatch):
         convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"))
     conv = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="svd", measure=False))  # no calibration: fine
     assert conv.calibration is None
+
+
+def test_calibration_second_moment_is_the_mean_over_every_recorded_token(tiny):
+    from mlaconvert.calibration import calibrate
+    from mlaconvert.model import load_model
+
+    model = load_model(tiny.config, tiny.state_dict).eval()
+    timesteps = (1000.0, 500.0)
+    calib = calibrate(model, frames=2, height=8, width=8, timesteps=timesteps, keep_samples=len(timesteps))
+    for moment, samples in zip(calib.second_moments, calib.samples):
+        assert len(samples) == len(timesteps)  # batch 1: the kept samples are every token the layer saw
+        x = np.concatenate([s[0].double().numpy().reshape(-1, tiny.config.dim) for s in samples])
+        aug = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        assert calib.description["tokens"] == len(x)
+        np.testing.assert_allclose(moment.numpy(), aug.T @ aug / calib.description["tokens"], rtol=1e-6, atol=1e-9)
+
+
+def test_recording_forwards_sees_each_module_and_stops_on_leaving():
+    from mlaconvert.calibration import recording_forwards
+
+    modules = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)]
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    x = torch.randn(5, 3)
+    with recording_forwards(modules, lambda i, args, y: seen.append((i, args[0], y))):
+        outputs = [m(x) for m in reversed(modules)]
+    assert [i for i, _, _ in seen] == [1, 0]
+    assert all(a is x and torch.equal(y, out) for (_, a, y), out in zip(seen, outputs))
+    modules[0](x)
+    assert len(seen) == 2
 
 
 def _energy_objective(q: np.ndarray, p: np.ndarray, n: np.ndarray) -> float:

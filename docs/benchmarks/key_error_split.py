@@ -17,30 +17,30 @@ import torch
 
 from mlaconvert.builtin import make_tiny_wan
 from mlaconvert.calibration import calibrate
-from mlaconvert.config import PRESETS
-from mlaconvert.convert import _attn_weights
+from mlaconvert.config import PRESETS, MLAConfig, WanConfig
+from mlaconvert.convert import _attn_weights, dense_layout_keys
 from mlaconvert.factorize import factorize_layer
-from mlaconvert.model import load_model
+from mlaconvert.model import LatentSelfAttention, load_model
 
 
 @torch.no_grad()
-def split(weights: dict[str, torch.Tensor], f, samples, heads: int, head_dim: int) -> dict[str, float]:
+def split(weights: dict[str, torch.Tensor], f, samples, config: WanConfig) -> dict[str, float]:
+    heads, head_dim = config.num_heads, config.head_dim
     rope = [p for axis in f.rope_pairs for p in axis]
     content = [p for p in range(head_dim // 2) if p not in set(rope)]
-    w = {k: v.double() for k, v in f.weights.items()}
+    mla = MLAConfig(dc=(f.weights["kv_down.weight"].shape[0],), rope_dim=len(rope) * 2, nope_dim=head_dim - len(rope) * 2,
+                    rope_pairs=(f.rope_pairs,))
+    latent = LatentSelfAttention(config.replace(num_layers=1, mla=mla), 0).double()
+    latent.load_state_dict({k: v.double() for k, v in f.weights.items()})
     g_k = weights["norm_k.weight"].double().view(heads, head_dim // 2, 2)
     err = {"content": 0.0, "rope": 0.0}
     total = 0.0
     for x, _ in samples:
         x = x.double().reshape(-1, x.shape[-1])
         k = (x @ weights["k.weight"].double().T + weights["k.bias"].double()).view(-1, heads, head_dim // 2, 2)
-        c = x @ w["kv_down.weight"].T
-        k_c = (c @ w["k_up.weight"].T + w["k_up.bias"]).view(-1, heads, len(content), 2)
-        r = (x @ w["k_rope.weight"].T + w["k_rope.bias"]).view(-1, 1, len(rope), 2)
-        prod = f.alpha.to(torch.complex128) * torch.complex(r[..., 0], r[..., 1])
-        k_r = torch.stack([prod.real, prod.imag], dim=-1) / g_k[:, rope]
-        err["content"] += float((k[:, :, content] - k_c).pow(2).sum())
-        err["rope"] += float((k[:, :, rope] - k_r).pow(2).sum())
+        k_hat, _ = dense_layout_keys(latent, latent.entries(x), f.rope_pairs, g_k)
+        err["content"] += float((k[:, :, content] - k_hat[:, :, content]).pow(2).sum())
+        err["rope"] += float((k[:, :, rope] - k_hat[:, :, rope]).pow(2).sum())
         total += float(k.pow(2).sum())
     return {
         "k_error": math.sqrt((err["content"] + err["rope"]) / total),
@@ -67,7 +67,7 @@ def main() -> None:
                 weights = _attn_weights(state, i)
                 moment = calib.second_moments[i] if init == "asvd" else None
                 f = factorize_layer(weights, num_heads=config.num_heads, dc=dc, rope_dim=32, init=init, second_moment=moment)
-                per_layer.append(split(weights, f, calib.samples[i], config.num_heads, config.head_dim))
+                per_layer.append(split(weights, f, calib.samples[i], config))
             row = {"init": init, "dc": dc, **{k: sum(p[k] for p in per_layer) / len(per_layer) for k in per_layer[0]}}
             rows.append(row)
             print(json.dumps(row), flush=True)
