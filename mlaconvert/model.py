@@ -420,7 +420,8 @@ class WanModel(nn.Module):
         timestep: (B,) or per latent frame (B, F). first_frame: absolute index of the first latent frame (RoPE).
         chunk_frames: run block-causally, chunks of that many frames attending to themselves and earlier chunks.
         window: with chunk_frames, each chunk sees only the last `window` frames up to its own last one — what a
-            sampler's cache of that window holds once it slides; None = every earlier frame.
+            sampler's cache of that window holds once it slides (sink frames aside: clips no longer than the
+            window see exactly what any cache gives them); None = every earlier frame.
         cache: a KVStep from a cache (see cache.py); the frames then attend to what it holds plus themselves.
         clean: teacher forcing (needs chunk_frames). The clean clip runs alongside at t = 0 and each noisy chunk
             attends to the clean chunks before it and to itself — in one forward, what the cached rollout does

@@ -50,7 +50,7 @@ from mlaconvert.training_run import CHECKPOINT_DIR, LOG_NAME, LOSS_PLOT, derived
 WORLD_MODEL = WanConfig(
     dim=256, ffn_dim=1024, num_heads=4, num_layers=6, in_dim=3, out_dim=3, text_dim=32, text_len=16, freq_dim=64,
     vae_stride=(1, 1, 1), text_encoder="captions", world=world.WorldSettings(),
-    sampler=SamplerDefaults(steps=8, shift=1.0, chunk=3, window=21),
+    sampler=SamplerDefaults(steps=8, shift=1.0, chunk=3, window=21, sink=3),
 )
 
 
