@@ -19,14 +19,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from mlaconvert import __version__
-from mlaconvert.bench import BenchSettings
 from mlaconvert.cli_options import options, with_options
-from mlaconvert.convert import ConvertSettings
+from mlaconvert.conversion.convert import ConvertSettings
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.evaluate import EvalSettings
-from mlaconvert.finetune import FinetuneSettings
-from mlaconvert.pretrain import PretrainSettings
-from mlaconvert.sampling import SamplerOptions, SamplerSettings
+from mlaconvert.evaluation.evaluate import EvalSettings
+from mlaconvert.inference.bench import BenchSettings
+from mlaconvert.inference.sampling import SamplerOptions, SamplerSettings
+from mlaconvert.training.finetune import FinetuneSettings
+from mlaconvert.training.pretrain import PretrainSettings
 
 app = typer.Typer(
     name="mlaconvert",
@@ -71,7 +71,7 @@ def analyze(
 
     Example: mlaconvert analyze builtin:bouncing-balls --dc 32 -o analysis
     """
-    from mlaconvert.rank import analyze_source, print_report
+    from mlaconvert.conversion.rank import analyze_source, print_report
 
     report = analyze_source(source, out_dir=output, dc=dc, energy=energy, config=config, head_dim=head_dim, device=device, force=force)
     print_report(report, out)
@@ -96,8 +96,8 @@ def convert(
 
     Example: mlaconvert convert builtin:bouncing-balls --dc 32 -o bb-mla
     """
-    from mlaconvert.convert import convert_source
-    from mlaconvert.rank import print_report
+    from mlaconvert.conversion.convert import convert_source
+    from mlaconvert.conversion.rank import print_report
     from mlaconvert.recipes import convert_settings, load_recipe
 
     plan = load_recipe(recipe) if recipe else {}
@@ -150,9 +150,9 @@ def finetune(
 
     Example: mlaconvert finetune bb-mla --max-steps 20 -o bb-ft
     """
-    from mlaconvert.export import next_steps
-    from mlaconvert.finetune import finetune as run_finetune
+    from mlaconvert.conversion.export import next_steps
     from mlaconvert.recipes import load_recipe, merge
+    from mlaconvert.training.finetune import finetune as run_finetune
 
     plan = load_recipe(recipe) if recipe else {}
     settings = merge(FinetuneSettings, dict(plan.get("finetune", {})), overrides, "finetune")
@@ -208,7 +208,7 @@ def sample(
 
     Example: mlaconvert sample builtin:bouncing-balls --prompt "two balls: red, blue" --frames 30 -o sample
     """
-    from mlaconvert.sampling import sample as run_sample
+    from mlaconvert.inference.sampling import sample as run_sample
 
     report = run_sample(
         model, output, frames=frames, seconds=seconds, height=height, width=width, prefix=prefix, prompts=prompt,
@@ -242,8 +242,8 @@ def eval_(
 
     Example: mlaconvert eval builtin:bouncing-balls --clips 8 --frames 60 -o eval
     """
-    from mlaconvert.evaluate import run_eval
-    from mlaconvert.hub import load_source
+    from mlaconvert.checkpoints.hub import load_source
+    from mlaconvert.evaluation.evaluate import run_eval
 
     config = load_source(model).config
     if teacher is None and config.is_mla:
@@ -286,7 +286,7 @@ def bench(
 
     Example: mlaconvert bench --preset tiny --device cpu --height 64 --width 64 --window 6 --long-seconds 0
     """
-    from mlaconvert.bench import bench_output, print_bench, run_bench, write_bench
+    from mlaconvert.inference.bench import bench_output, print_bench, run_bench, write_bench
     from mlaconvert.outputs import check_writable
 
     settings = BenchSettings(**chosen)
@@ -313,9 +313,9 @@ def pretrain(
 
     Example: mlaconvert pretrain --recipe bouncing-balls -o bouncing-balls
     """
-    from mlaconvert.pretrain import pretrain as run_pretrain, settings_from_recipe
     from mlaconvert.progress import progress_bar
     from mlaconvert.recipes import load_recipe
+    from mlaconvert.training.pretrain import pretrain as run_pretrain, settings_from_recipe
 
     plan = load_recipe(recipe) if recipe else {}
     settings = settings_from_recipe({**plan.get("pretrain", {}), **overrides})

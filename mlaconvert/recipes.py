@@ -27,16 +27,16 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.fields import check_types
 
 if TYPE_CHECKING:
-    from mlaconvert.convert import ConvertSettings
+    from mlaconvert.conversion.convert import ConvertSettings
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # The keys a recipe may have at its top, and its sections with the settings dataclass each one fills (module,
 # class; imported when a recipe is checked). A new stage adds its line here.
 TOP_LEVEL = {"source": "the model to start from (any SOURCE form)", "config": "preset or config.json for a checkpoint without one"}
 SECTIONS = {
-    "convert": ("mlaconvert.convert", "ConvertSettings"),
-    "finetune": ("mlaconvert.finetune", "FinetuneSettings"),
-    "pretrain": ("mlaconvert.pretrain", "PretrainSettings"),
+    "convert": ("mlaconvert.conversion.convert", "ConvertSettings"),
+    "finetune": ("mlaconvert.training.finetune", "FinetuneSettings"),
+    "pretrain": ("mlaconvert.training.pretrain", "PretrainSettings"),
 }
 # Keys of older recipes whose meaning moved: each gets a one-line error naming its replacement.
 RENAMED = {
@@ -128,7 +128,7 @@ def parse_dc(text: str) -> int | list[int] | str:
 def convert_settings(recipe: Mapping[str, Any] | None = None, **overrides: Any) -> ConvertSettings:
     """ConvertSettings from a recipe's [convert] section, then the explicit (non-None) overrides; a dc given as
     text, in either, is read by `parse_dc`."""
-    from mlaconvert.convert import ConvertSettings
+    from mlaconvert.conversion.convert import ConvertSettings
 
     section = dict((recipe or {}).get("convert", {}))
     for values in (section, overrides):

@@ -24,9 +24,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlaconvert.builtin import make_tiny_wan
-from mlaconvert.config import WanConfig
-from mlaconvert.naming import native_to_diffusers
+from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.checkpoints.naming import native_to_diffusers
+from mlaconvert.modeling.config import WanConfig
 
 # Fields the official Wan2.1 config.json carries; everything else (patch_size, qk_norm, text_dim, ...) is left
 # to the defaults, which is exactly what makes reading it non-trivial.

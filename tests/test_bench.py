@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from mlaconvert.bench import BenchSettings, mla_variant, run_bench, write_bench
-from mlaconvert.builtin import TINY_WAN
+from mlaconvert.checkpoints.builtin import TINY_WAN
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.inference.bench import BenchSettings, mla_variant, run_bench, write_bench
 
 
 def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, monkeypatch):

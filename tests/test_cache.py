@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlaconvert.cache import KVCache
-from mlaconvert.convert import ConvertSettings, convert_model
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_model
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.hub import load_source
-from mlaconvert.model import WanModel, load_model
+from mlaconvert.modeling.cache import KVCache
+from mlaconvert.modeling.model import WanModel, load_model
 
 FRAMES, CHUNK, H, W = 6, 2, 4, 6
 

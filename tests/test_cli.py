@@ -44,14 +44,14 @@ def test_usage_errors_name_the_option_and_show_the_usage(cli, args, message):
 
 
 def test_a_bug_shows_its_traceback_and_a_user_error_stays_one_line(cli, monkeypatch):
-    monkeypatch.setattr("mlaconvert.rank.analyze_source", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("mlaconvert.conversion.rank.analyze_source", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # out of main() uncaught: Python prints the traceback
         cli("analyze", "builtin:tiny-wan")
 
     def refuse(*_a, **_k):
         raise MlaconvertError("the same place, a problem with the input")
 
-    monkeypatch.setattr("mlaconvert.rank.analyze_source", refuse)
+    monkeypatch.setattr("mlaconvert.conversion.rank.analyze_source", refuse)
     r = cli("analyze", "builtin:tiny-wan")
     assert r.returncode == 1 and r.stderr.strip() == "error: the same place, a problem with the input"
 
@@ -60,7 +60,7 @@ def test_an_interrupted_convert_exits_130_and_says_how_to_redo_it(cli, tmp_path,
     def interrupt(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mlaconvert.convert.convert_model", interrupt)
+    monkeypatch.setattr("mlaconvert.conversion.convert.convert_model", interrupt)
     out = tmp_path / "mla"
     r = cli("convert", "builtin:tiny-wan", "--dc", "32", "-o", str(out))
     assert r.returncode == 130 and len(r.stderr.strip().splitlines()) == 1
@@ -71,7 +71,7 @@ def test_an_interrupted_convert_exits_130_and_says_how_to_redo_it(cli, tmp_path,
 
 
 def test_an_interrupted_finetune_exits_130_and_says_resume(cli, tmp_path, monkeypatch):
-    from mlaconvert.finetune import Trainer
+    from mlaconvert.training.finetune import Trainer
 
     r = cli("convert", "builtin:tiny-wan", "--dc", "32", "--no-measure", "-o", str(tmp_path / "mla"))
     assert r.returncode == 0, r.stderr
@@ -165,7 +165,7 @@ def test_bench_writes_a_folder_named_for_the_run_and_never_over_one(cli, tmp_pat
     r = cli(*args)
     assert r.returncode == 1 and "'bench-tiny-cpu' already exists; pass --force" in r.stderr
     report = json.loads((tmp_path / "bench-tiny-cpu" / "bench-cpu.json").read_text())
-    monkeypatch.setattr("mlaconvert.bench.run_bench", lambda *_a, **_k: report)  # measured once above is enough
+    monkeypatch.setattr("mlaconvert.inference.bench.run_bench", lambda *_a, **_k: report)  # measured once above is enough
     r = cli(*args, "--force")
     assert r.returncode == 0 and "look at bench-tiny-cpu/bench-cpu.png" in r.stdout
 
@@ -204,7 +204,7 @@ def test_every_settings_option_shows_its_fields_default_and_help(command):
 
 
 def test_eval_offers_the_sampler_options_of_sample():
-    from mlaconvert.sampling import SamplerOptions
+    from mlaconvert.inference.sampling import SamplerOptions
 
     def sampler_flags(command: str) -> set[str]:
         callback, click_command = next((c, cmd) for name, c, cmd in _commands() if name == command)
@@ -215,12 +215,12 @@ def test_eval_offers_the_sampler_options_of_sample():
 
 
 def test_eval_sampler_options_reach_the_sampler(cli, tmp_path, monkeypatch):
-    from mlaconvert.builtin import TINY_WAN
-    from mlaconvert.evaluate import EvalSettings
-    from mlaconvert.sampling import SamplerSettings
+    from mlaconvert.checkpoints.builtin import TINY_WAN
+    from mlaconvert.evaluation.evaluate import EvalSettings
+    from mlaconvert.inference.sampling import SamplerSettings
 
     calls = []
-    monkeypatch.setattr("mlaconvert.evaluate.run_eval", lambda *a, **k: calls.append(k) or {"model": a[0], "horizons": []})
+    monkeypatch.setattr("mlaconvert.evaluation.evaluate.run_eval", lambda *a, **k: calls.append(k) or {"model": a[0], "horizons": []})
     r = cli("eval", "builtin:tiny-wan", "--chunk", "2", "--window", "6", "--sink", "1", "--positions", "reindex",
             "--timesteps", "1000,500", "--shift", "2", "--seed", "5", "--clips", "3", "-o", str(tmp_path / "e"))
     assert r.returncode == 0, r.stderr
@@ -235,10 +235,10 @@ def test_eval_sampler_options_reach_the_sampler(cli, tmp_path, monkeypatch):
 def test_options_left_out_keep_the_recipes_values(cli, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mlaconvert.finetune import FinetuneSettings
+    from mlaconvert.training.finetune import FinetuneSettings
 
     runs = []
-    monkeypatch.setattr("mlaconvert.finetune.finetune", lambda *a, **k: runs.append(a[2]) or SimpleNamespace(report=None))
+    monkeypatch.setattr("mlaconvert.training.finetune.finetune", lambda *a, **k: runs.append(a[2]) or SimpleNamespace(report=None))
     r = cli("finetune", "bb-mla", "--recipe", "bouncing-balls-dc32", "--lr", "0.001", "--timesteps", "1000,500",
             "--no-checkpointing", "-o", str(tmp_path / "ft"))
     assert r.returncode == 0, r.stderr

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mlaconvert.config import MLAConfig, WanConfig
-from mlaconvert.convert import ConvertSettings, convert_model, convert_source
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_model, convert_source
+from mlaconvert.conversion.factorize import factorize_layer, key_energy_form
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.factorize import factorize_layer, key_energy_form
-from mlaconvert.rope import rope_quota
-from mlaconvert.hub import load_source
-from mlaconvert.model import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.modeling.config import MLAConfig, WanConfig
+from mlaconvert.modeling.model import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.modeling.rope import rope_quota
+from mlaconvert.modeling.rope import grid_positions
 from mlaconvert.recipes import parse_dc
-from mlaconvert.rope import grid_positions
 
 
 def dense_attention(heads: int, head_dim: int, seed: int = 0, shared_rope_direction: bool = False) -> DenseSelfAttention:
@@ -89,7 +89,7 @@ def test_rope_key_is_exact_when_heads_share_a_direction():
 
 
 def test_measured_key_errors_vanish_exactly_when_the_layer_is_exact():
-    from mlaconvert.convert import measure_layer
+    from mlaconvert.conversion.convert import measure_layer
 
     heads, hd = 3, 24
     x, pos = torch.randn(1, 2 * 3 * 4, heads * hd), grid_positions(2, 3, 4)
@@ -192,7 +192,7 @@ def test_export_contract_and_bit_identical_weights(tiny, tmp_path):
 
 def test_wan_1_3b_width_caches_224_instead_of_3072(tmp_path):
     """One layer of the real 1.3B width (random weights): the per-token cache figure of the README."""
-    from mlaconvert.formats import Checkpoint, native_shapes
+    from mlaconvert.checkpoints.formats import Checkpoint, native_shapes
 
     config = WanConfig(num_layers=1, ffn_dim=64, text_dim=64, text_len=8, freq_dim=32, in_dim=4, out_dim=4)
     g = torch.Generator().manual_seed(0)
@@ -271,7 +271,7 @@ def test_existing_output_and_mla_source_are_refused(cli, tmp_path):
 
 
 def test_calibration_that_cannot_fit_gives_advice(tiny, monkeypatch):
-    monkeypatch.setattr("mlaconvert.calibration._available_memory", lambda device: 1000)
+    monkeypatch.setattr("mlaconvert.conversion.calibration._available_memory", lambda device: 1000)
     with pytest.raises(MlaconvertError, match="--init svd or --init random with --no-measure"):
         convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"))
     conv = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="svd", measure=False))  # no calibration: fine
@@ -279,8 +279,8 @@ def test_calibration_that_cannot_fit_gives_advice(tiny, monkeypatch):
 
 
 def test_calibration_second_moment_is_the_mean_over_every_recorded_token(tiny):
-    from mlaconvert.calibration import calibrate
-    from mlaconvert.model import load_model
+    from mlaconvert.conversion.calibration import calibrate
+    from mlaconvert.modeling.model import load_model
 
     model = load_model(tiny.config, tiny.state_dict).eval()
     timesteps = (1000.0, 500.0)
@@ -294,7 +294,7 @@ def test_calibration_second_moment_is_the_mean_over_every_recorded_token(tiny):
 
 
 def test_recording_forwards_sees_each_module_and_stops_on_leaving():
-    from mlaconvert.calibration import recording_forwards
+    from mlaconvert.conversion.calibration import recording_forwards
 
     modules = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)]
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -347,7 +347,7 @@ def test_key_energy_form_is_exact_when_heads_are_maps_of_the_rope_key():
 
 
 def test_report_picture_keeps_errors_and_utilisation_apart_and_names_the_export(tmp_path):
-    from mlaconvert.rank import report_figure
+    from mlaconvert.conversion.rank import report_figure
 
     _, report = convert_source("builtin:tiny-wan", tmp_path / "out", ConvertSettings(dc=32, rope_dim=16))
     assert report["export"] == str(tmp_path / "out")
@@ -364,7 +364,7 @@ def test_report_picture_keeps_errors_and_utilisation_apart_and_names_the_export(
 
 
 def test_analyze_full_joint_matrix_and_convert_content_joint_matrix_are_different_matrices():
-    from mlaconvert.spectra import layer_spectra
+    from mlaconvert.conversion.spectra import layer_spectra
 
     heads, hd = 3, 24
     dense = dense_attention(heads, hd)

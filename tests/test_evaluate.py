@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlaconvert import health, world
-from mlaconvert.agreement import MIN_MSE
-from mlaconvert.builtin import make_tiny_wan
-from mlaconvert.config import SamplerDefaults, WanConfig
+from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.checkpoints.formats import save_native
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.evaluate import (
+from mlaconvert.evaluation import health, world
+from mlaconvert.evaluation.agreement import MIN_MSE
+from mlaconvert.evaluation.evaluate import (
     EvalSettings, buckets, copy_last, frame_sse, psnr_db, psnr_report, run_eval, static_background,
 )
-from mlaconvert.formats import save_native
+from mlaconvert.modeling.config import SamplerDefaults, WanConfig
 
 WORLD = world.WorldSettings(size=16, max_radius=3.0)
 

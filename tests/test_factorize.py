@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlaconvert.factorize import (
+from mlaconvert.conversion.factorize import (
     RopeKey,
     Whitener,
     auto_dc,
@@ -16,7 +16,7 @@ from mlaconvert.factorize import (
     key_pair_matrices,
     rope_key_energy,
 )
-from mlaconvert.rope import axis_pairs, rope_quota
+from mlaconvert.modeling.rope import axis_pairs, rope_quota
 
 
 @pytest.mark.parametrize("energy", [0.3, 0.75, 0.9, 0.999])

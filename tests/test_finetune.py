@@ -22,18 +22,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlaconvert.builtin import TINY_WAN, make_tiny_wan
-from mlaconvert.clips import Clips
-from mlaconvert.convert import ConvertSettings, convert_model, convert_source
+from mlaconvert.checkpoints.builtin import TINY_WAN, make_tiny_wan
+from mlaconvert.checkpoints.formats import save_native
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.finetune import FinetuneSettings, Trainer, finetune, load_pair
-from mlaconvert.formats import save_native
-from mlaconvert.hub import load_source
-from mlaconvert.model import load_model
-from mlaconvert.objective import AttentionOutputs, chunk_timesteps, distill_loss, mla_parameter_names, set_trainable, trainable_names
-from mlaconvert.processes import Processes
-from mlaconvert.sampling import SamplerSettings
-from mlaconvert.training_run import derived_seed
+from mlaconvert.inference.sampling import SamplerSettings
+from mlaconvert.modeling.model import load_model
+from mlaconvert.training.clips import Clips
+from mlaconvert.training.finetune import FinetuneSettings, Trainer, finetune, load_pair
+from mlaconvert.training.objective import AttentionOutputs, chunk_timesteps, distill_loss, mla_parameter_names, set_trainable, trainable_names
+from mlaconvert.training.processes import Processes
+from mlaconvert.training.training_run import derived_seed
 
 SMALL = FinetuneSettings(max_steps=6, batch=2, lr=1e-3, warmup=2, clips=6, held_out=2, frames=6, height=64, width=64,
                          checkpoint_every=2)
@@ -303,7 +303,7 @@ def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
 
 
 def test_loss_picture_names_every_curve() -> None:
-    from mlaconvert.training_run import loss_figure
+    from mlaconvert.training.training_run import loss_figure
 
     rows = [{"step": 0, "eval_loss": 0.5}] + [{"step": s, "loss": 1 / s, "flow_loss": 1 / s, "lr": 1e-3, "eval_loss": 0.4} for s in (1, 2)]
     fig = loss_figure(rows)

@@ -9,22 +9,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlaconvert.builtin import TINY_WAN, builtin_path, make_tiny_wan
-from mlaconvert.config import PRESETS, MLAConfig
-from mlaconvert.errors import MlaconvertError
-from mlaconvert.formats import (
+from mlaconvert.checkpoints.builtin import TINY_WAN, builtin_path, make_tiny_wan
+from mlaconvert.checkpoints.formats import (
     config_from_dict,
     diffusers_config_to_wan,
     infer_config,
     read_checkpoint,
     save_native,
 )
-from mlaconvert.naming import (
+from mlaconvert.checkpoints.naming import (
     diffusers_to_native,
     native_shapes,
     native_to_diffusers,
     strip_wrappers,
 )
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.modeling.config import PRESETS, MLAConfig
 
 # Verbatim config.json files of the official releases (Wan-AI/Wan2.1-T2V-1.3B and its -Diffusers twin).
 OFFICIAL_NATIVE_1_3B = """{

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from mlaconvert.cache import KVCache
-from mlaconvert.convert import ConvertSettings, convert_model
-from mlaconvert.hub import load_source
-from mlaconvert.model import load_model
-from mlaconvert.sampling import SamplerSettings, rollout
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_model
+from mlaconvert.inference.sampling import SamplerSettings, rollout
+from mlaconvert.modeling.cache import KVCache
+from mlaconvert.modeling.model import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -12,10 +12,10 @@ import torch
 from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-from mlaconvert import hub
-from mlaconvert.builtin import TINY_WAN, make_tiny_wan
+from mlaconvert.checkpoints import hub
+from mlaconvert.checkpoints.builtin import TINY_WAN, make_tiny_wan
+from mlaconvert.checkpoints.hub import TRANSFORMER_PATTERNS, load_source, resolve_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.hub import TRANSFORMER_PATTERNS, load_source, resolve_source
 
 # File lists of the real repos (trimmed of docs/assets), to check what a snapshot would fetch.
 WAN_1_3B_FILES = [

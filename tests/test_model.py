@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlaconvert.config import WanConfig
-from mlaconvert.formats import diffusers_to_native
-from mlaconvert.model import load_model, sinusoid
+from mlaconvert.checkpoints.formats import diffusers_to_native
+from mlaconvert.modeling.config import WanConfig
+from mlaconvert.modeling.model import load_model, sinusoid
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -115,7 +115,7 @@ def test_block_causal_matches_diffusers_with_the_same_mask():
 def test_chunk_spans_attend_exactly_as_the_boolean_mask(teacher_forcing, window):
     """Per-chunk unmasked SDPA against one SDPA with the mask written out in numpy (last chunk partial; a window
     of 4 frames cuts part of a chunk off)."""
-    from mlaconvert.model import ChunkSpans, span_attention
+    from mlaconvert.modeling.masks import ChunkSpans, span_attention
 
     frame = np.arange(8)  # one token a frame, chunks of 3 frames
     chunk = frame // 3

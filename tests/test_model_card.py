@@ -7,7 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
-from mlaconvert.export import PLACEHOLDER
+from mlaconvert.conversion.export import PLACEHOLDER
 
 # A number standing alone: not part of a name (bf16, wan2.1, 3D), a version (0.1.0) or a hash.
 NUMBER = re.compile(r"(?<![\w.\-])\d[\d,]*(?:\.\d+)?(?![\w.])")

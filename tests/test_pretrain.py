@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlaconvert import world
+from mlaconvert.checkpoints.hub import load_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.hub import load_source
-from mlaconvert.model import load_model
-from mlaconvert.model import WanModel
-from mlaconvert.pretrain import WORLD_MODEL, PretrainSettings, Run, init_weights, make_batch, own_rollout, pretrain, settings_from_recipe
-from mlaconvert.sampling import SamplerSettings, rollout
+from mlaconvert.evaluation import world
+from mlaconvert.inference.sampling import SamplerSettings, rollout
+from mlaconvert.modeling.model import load_model
+from mlaconvert.modeling.model import WanModel
+from mlaconvert.training.pretrain import WORLD_MODEL, PretrainSettings, Run, init_weights, make_batch, own_rollout, pretrain, settings_from_recipe
 
 TINY = PretrainSettings(
     max_steps=4, batch=2, frames=6, warmup=1, eval_every=2, checkpoint_every=2, eval_clips=2, compile=False,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlaconvert.builtin import TINY_WAN, make_tiny_wan
-from mlaconvert.convert import ConvertSettings, convert_model
+from mlaconvert.checkpoints.builtin import TINY_WAN, make_tiny_wan
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_model
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.hub import load_source
-from mlaconvert.model import WanModel, load_model
+from mlaconvert.modeling.model import WanModel, load_model
 
 
 def forward(model: WanModel) -> torch.Tensor:

@@ -15,9 +15,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mlaconvert.config import WanConfig
-from mlaconvert.errors import MlaconvertError
-from mlaconvert.rank import (
+from mlaconvert.conversion.rank import (
     REPORT_JSON,
     REPORT_PNG,
     SCHEMA,
@@ -26,7 +24,9 @@ from mlaconvert.rank import (
     print_report,
     write_report,
 )
-from mlaconvert.spectra import effective_rank, key_scale, layer_spectra, truncation_at
+from mlaconvert.conversion.spectra import effective_rank, key_scale, layer_spectra, truncation_at
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.modeling.config import WanConfig
 
 TINY = WanConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=3)
 CPU = torch.device("cpu")
@@ -255,7 +255,7 @@ def test_missing_or_misshapen_weights_are_named() -> None:
 
 
 def test_mla_utilisation_matches_numpy() -> None:
-    from mlaconvert.spectra import mla_utilisation
+    from mlaconvert.conversion.spectra import mla_utilisation
 
     g = torch.Generator().manual_seed(3)
     dc, dim = 16, 48
@@ -295,16 +295,16 @@ class FakeCheckpoint:
 
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Stand in for mlaconvert.hub (the loader has its own tests); records what was loaded."""
+    """Stand in for mlaconvert.checkpoints.hub (the loader has its own tests); records what was loaded."""
     loaded: list[str] = []
 
     def load_source(spec: str, *, config=None, head_dim: int = 128, revision=None) -> FakeCheckpoint:
         loaded.append(spec)
         return FakeCheckpoint()
 
-    module = types.ModuleType("mlaconvert.hub")
+    module = types.ModuleType("mlaconvert.checkpoints.hub")
     module.load_source = load_source
-    monkeypatch.setitem(sys.modules, "mlaconvert.hub", module)
+    monkeypatch.setitem(sys.modules, "mlaconvert.checkpoints.hub", module)
     return loaded
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from mlaconvert.convert import ConvertSettings
+from mlaconvert.conversion.convert import ConvertSettings
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.recipes import RECIPES_DIR, convert_settings, load_recipe, merge
 
@@ -15,7 +15,7 @@ def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert load_recipe(path.stem) == recipe  # a bare name finds it too, dots in the name included
     if "pretrain" in recipe:  # trains from scratch: no source
-        from mlaconvert.pretrain import settings_from_recipe
+        from mlaconvert.training.pretrain import settings_from_recipe
 
         settings_from_recipe(recipe["pretrain"]).check()
         return
@@ -23,7 +23,7 @@ def test_shipped_recipes_are_valid(path):
     settings = merge(ConvertSettings, recipe.get("convert", {}), {}, "convert")
     assert settings.rope_dim % 2 == 0
     if "finetune" in recipe:
-        from mlaconvert.finetune import FinetuneSettings
+        from mlaconvert.training.finetune import FinetuneSettings
 
         merge(FinetuneSettings, recipe["finetune"], {}, "finetune")
 
@@ -49,7 +49,7 @@ def test_convert_settings_read_dc_text_from_the_recipe_and_the_overrides(tmp_pat
         convert_settings(dc="")
 
 def test_old_keys_say_what_replaced_them():
-    from mlaconvert.finetune import FinetuneSettings
+    from mlaconvert.training.finetune import FinetuneSettings
 
     with pytest.raises(MlaconvertError, match=r"\[finetune\] steps was replaced by max_steps"):
         merge(FinetuneSettings, {"steps": 50}, {}, "finetune")
@@ -103,7 +103,7 @@ def test_a_config_json_with_a_wrong_type_is_one_line(cli, tmp_path):
     import json
     import shutil
 
-    from mlaconvert.builtin import builtin_path
+    from mlaconvert.checkpoints.builtin import builtin_path
 
     folder = tmp_path / "model"
     shutil.copytree(builtin_path("tiny-wan"), folder)

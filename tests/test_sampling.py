@@ -8,13 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlaconvert.convert import ConvertSettings, convert_source
+from mlaconvert.checkpoints.builtin import TINY_WAN
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.hub import load_source
-from mlaconvert.model import load_model
-from mlaconvert.builtin import TINY_WAN
-from mlaconvert.config import SamplerDefaults
-from mlaconvert.sampling import (
+from mlaconvert.inference.sampling import (
     SamplerSettings,
     check_video_size,
     denoising_timesteps,
@@ -22,6 +20,8 @@ from mlaconvert.sampling import (
     rollout,
     warp_timesteps,
 )
+from mlaconvert.modeling.config import SamplerDefaults
+from mlaconvert.modeling.model import load_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.text import (
+from mlaconvert.inference.text import (
     encode_prompts,
     load_prompt_embeds,
     random_prompt_embeds,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.video import Mp4Writer, StreamingDecoder, load_vae
+from mlaconvert.inference.video import Mp4Writer, StreamingDecoder, load_vae
 
 diffusers = pytest.importorskip("diffusers")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

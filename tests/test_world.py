@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from mlaconvert import world
-from mlaconvert.convert import ConvertSettings, convert_source
+from mlaconvert.checkpoints.hub import load_source
+from mlaconvert.conversion.convert import ConvertSettings, convert_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.hub import load_source
-from mlaconvert.model import load_model
-from mlaconvert.sampling import SamplerSettings, rollout, warp_timesteps
+from mlaconvert.evaluation import world
+from mlaconvert.inference.sampling import SamplerSettings, rollout, warp_timesteps
+from mlaconvert.modeling.model import load_model
 
 
 def test_bounces_keep_speed_and_balls_inside():

@@ -15,10 +15,10 @@ import time
 import numpy as np
 import torch
 
-from mlaconvert.builtin import make_tiny_wan
-from mlaconvert.config import PRESETS
-from mlaconvert.convert import ConvertSettings, convert_model
-from mlaconvert.formats import Checkpoint
+from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.checkpoints.formats import Checkpoint
+from mlaconvert.conversion.convert import ConvertSettings, convert_model
+from mlaconvert.modeling.config import PRESETS
 
 ERRORS = ("k_error", "k_normed_error", "v_error", "attn_error")
 

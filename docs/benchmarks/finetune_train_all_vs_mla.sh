@@ -7,9 +7,9 @@ set -euo pipefail
 : "${OUT:?set OUT to an output folder}"
 mkdir -p "$OUT"
 PYTHONPATH=. python -c "
-from mlaconvert.builtin import make_tiny_wan
-from mlaconvert.config import PRESETS
-from mlaconvert.formats import save_native
+from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.modeling.config import PRESETS
+from mlaconvert.checkpoints.formats import save_native
 config = PRESETS['wan2.1-1.3b']
 save_native(config, make_tiny_wan(0, config), '$OUT/dense')
 "

@@ -15,12 +15,12 @@ import math
 
 import torch
 
-from mlaconvert.builtin import make_tiny_wan
-from mlaconvert.calibration import calibrate
-from mlaconvert.config import PRESETS, MLAConfig, WanConfig
-from mlaconvert.convert import _attn_weights, dense_layout_keys
-from mlaconvert.factorize import factorize_layer
-from mlaconvert.model import LatentSelfAttention, load_model
+from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.conversion.calibration import calibrate
+from mlaconvert.conversion.convert import _attn_weights, dense_layout_keys
+from mlaconvert.conversion.factorize import factorize_layer
+from mlaconvert.modeling.config import PRESETS, MLAConfig, WanConfig
+from mlaconvert.modeling.model import LatentSelfAttention, load_model
 
 
 @torch.no_grad()

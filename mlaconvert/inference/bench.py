@@ -1,0 +1,284 @@
+"""`bench`: dense vs MLA in the same process on the same GPU — cache size, memory, chunk latency, streams.
+
+Both variants are the same architecture with random weights (speed and memory do not depend on the values),
+run through the same sampler; only the self-attention differs. Each configuration rolls out enough chunks
+for the window to fill, and the latency is the median over the chunks after that (steady state). The number
+of concurrent streams that fit a memory budget is extrapolated from the measured peaks at batch 1 and 2
+(per-stream growth), and the long rollout measures the peak memory of a minute of video.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from mlaconvert import __version__
+from mlaconvert.checkpoints.builtin import TINY_WAN
+from mlaconvert.conversion.export import parameter_count
+from mlaconvert.devices import choose_device, default_dtype
+from mlaconvert.fields import help_of, setting
+from mlaconvert.inference.sampling import FRAMES_PER_LATENT, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for, rollout
+from mlaconvert.modeling.config import MLAConfig, WanConfig, preset
+from mlaconvert.modeling.model import WanModel
+from mlaconvert.modeling.rope import leading_rope_pairs
+from mlaconvert.progress import progress_bar
+
+GiB = 2**30
+
+
+@dataclass
+class BenchSettings:
+    preset: str = setting("wan2.1-1.3b", "Architecture with random weights: wan2.1-1.3b, wan2.1-14b, or tiny.")
+    height: int = setting(480, "Video height in pixels.")
+    width: int = setting(832, "Video width in pixels.")
+    steps: int | None = setting(None, help_of(SamplerOptions, "steps"))
+    windows: tuple[int, ...] = setting((21,), "Window sizes in latent frames (repeat the option for a grid).")
+    chunks: tuple[int, ...] = setting((3,), "Chunk sizes in latent frames (repeatable).")
+    batches: tuple[int, ...] = setting((1,), "Batch sizes (repeatable).")
+    dc: int = setting(192, "Latent width of the MLA variant (values per token and layer, besides the rope key).")
+    rope_dim: int = setting(32, "Width of the MLA variant's shared 3D-RoPE key.")
+    timed_chunks: int = setting(4, "Chunks timed after the window is full.")
+    long_seconds: float = setting(60.0, "Length in seconds of the peak-memory rollout (0 skips it).")
+    budget_gib: float = setting(80.0, "Memory budget in GiB for the concurrent-streams estimate.")
+    seed: int = 0
+    variants: tuple[str, ...] = ("dense", "mla")
+    compile: bool = setting(False, "torch.compile the blocks of both variants.")
+
+
+def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
+    """The MLA twin of a dense config, with Wan's first pairs of each axis as the rope pairs."""
+    pairs = leading_rope_pairs(config.head_dim, rope_dim)
+    return config.replace(
+        mla=MLAConfig(dc=(dc,) * config.num_layers, rope_dim=rope_dim, nope_dim=config.head_dim - rope_dim, rope_pairs=(pairs,) * config.num_layers, init="random")
+    )
+
+
+def random_model(config: WanConfig, device: torch.device, dtype: torch.dtype, seed: int) -> WanModel:
+    """Seeded random weights, built on `device` directly: a full-size model never passes through host memory."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanModel(config)
+    return model.to(dtype).eval()
+
+
+def _rollouts_per_variant(settings: BenchSettings) -> int:
+    grid = len(settings.windows) * len(settings.chunks) * (len(set(settings.batches) | {1, 2}) + settings.compile)
+    return grid + (settings.long_seconds > 0)
+
+
+def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], settings: SamplerSettings) -> dict[str, Any]:
+    cfg = model.config
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(settings.seed)) * 0.1
+    torch.cuda.empty_cache()
+    result = rollout(model, text, frames=frames, latent_size=latent_size, settings=settings)
+    chunks_to_fill = -(-settings.window // settings.chunk)
+    steady = result.chunk_seconds[chunks_to_fill:] or result.chunk_seconds[-1:]
+    latency = statistics.median(steady)
+    return {
+        "batch": batch,
+        "window": settings.window,
+        "chunk": settings.chunk,
+        "latent_frames": frames,
+        "chunk_latency_s": latency,
+        "fps": batch * settings.chunk * FRAMES_PER_LATENT / latency,
+        "peak_memory_gib": None if result.peak_memory is None else result.peak_memory / GiB,
+        "cache_mib": result.cache_bytes / 2**20,
+        "cached_values_per_token": cfg.kv_values_per_token(),
+    }
+
+
+def _bench_device(settings: BenchSettings, device: str | None) -> tuple[WanConfig, torch.device]:
+    """The dense architecture of the preset and the device it runs on (the one device policy)."""
+    dense_cfg = TINY_WAN if settings.preset == "tiny" else preset(settings.preset)
+    return dense_cfg, choose_device(device, parameter_count(dense_cfg))
+
+
+def bench_output(settings: BenchSettings, device: str | None) -> Path:
+    """The default output folder, named for the run: bench-<preset>-<device type>."""
+    return Path(f"bench-{settings.preset}-{_bench_device(settings, device)[1].type}")
+
+
+def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str, Any]:
+    """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
+
+    device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
+    """
+    dense_cfg, dev = _bench_device(settings, device)
+    latent_size = check_video_size(settings.height, settings.width, dense_cfg)
+    configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}
+    rows: list[dict[str, Any]] = []
+    streams: dict[str, Any] = {}
+    long: dict[str, Any] = {}
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
+
+        def measure(*args: Any) -> dict[str, Any]:
+            row = _measure(*args)
+            progress.advance(task)
+            return row
+
+        for variant in settings.variants:
+            model = random_model(configs[variant], dev, default_dtype(dev), settings.seed)
+            if settings.compile:
+                model.compile_blocks()
+            for window in settings.windows:
+                for chunk in settings.chunks:
+                    sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
+                    peaks = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
+                    if 1 in peaks and 2 in peaks:
+                        streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib)
+            if settings.long_seconds > 0:
+                sampler = SamplerSettings.for_model(
+                    dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
+                )
+                frames = latent_frames_for(settings.long_seconds)
+                long[variant] = {**measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
+            long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
+            del model
+            torch.cuda.empty_cache()
+
+    report: dict[str, Any] = {
+        "schema": "mlaconvert.bench/1",
+        "mlaconvert_version": __version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "settings": {**settings.__dict__},
+        "mode": "torch.compile (dynamic) of every block, both variants" if settings.compile else "eager PyTorch, both variants",
+        "rows": rows,
+        "streams_in_budget": streams,
+        "long_rollout": long,
+        "seconds": time.perf_counter() - start,
+    }
+    report["ratios"] = _ratios(report)
+    return report
+
+
+def _measure_batches(
+    measure: Callable[..., dict[str, Any]], model: WanModel, variant: str, sampler: SamplerSettings,
+    latent_size: tuple[int, int], settings: BenchSettings, rows: list[dict[str, Any]],
+) -> dict[int, float]:
+    """One (window, chunk) of one variant at every batch asked for, plus batches 1 and 2 for the per-stream
+    growth; appends the rows asked for and returns the peak memory (GiB) of each batch that has one."""
+    window, chunk = sampler.window, sampler.chunk
+    frames = window + chunk * settings.timed_chunks
+    if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
+        measure(model, 1, window + chunk, latent_size, sampler)
+    peaks = {}
+    for batch in sorted(set(settings.batches) | {1, 2}):
+        try:
+            row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
+        except torch.OutOfMemoryError:
+            row = {"variant": variant, "batch": batch, "window": window, "chunk": chunk, "oom": True}
+        torch.cuda.empty_cache()
+        if batch in settings.batches:
+            rows.append(row)
+        if not row.get("oom") and row["peak_memory_gib"] is not None:
+            peaks[batch] = row["peak_memory_gib"]
+    return peaks
+
+
+def _streams_in_budget(peaks: dict[int, float], budget_gib: float) -> dict[str, Any]:
+    """Streams that fit `budget_gib`, extrapolated from the peaks at batch 1 and 2."""
+    per_stream = peaks[2] - peaks[1]
+    fixed = peaks[1] - per_stream
+    return {
+        "per_stream_gib": per_stream,
+        "fixed_gib": fixed,
+        "max_streams": int((budget_gib - fixed) // per_stream) if per_stream > 0 else None,
+    }
+
+
+def _ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """MLA relative to dense for each measured configuration: the headline numbers."""
+    out: dict[str, Any] = {}
+    dense = {(r["window"], r["chunk"], r["batch"]): r for r in report["rows"] if r["variant"] == "dense" and not r.get("oom")}
+    for r in report["rows"]:
+        key = (r["window"], r["chunk"], r["batch"])
+        if r["variant"] != "mla" or r.get("oom") or key not in dense:
+            continue
+        d = dense[key]
+        out[f"w{key[0]}/c{key[1]}/b{key[2]}"] = {
+            "throughput": r["fps"] / d["fps"],
+            "cache": r["cache_mib"] / d["cache_mib"],
+            "peak_memory": r["peak_memory_gib"] / d["peak_memory_gib"] if d["peak_memory_gib"] else None,
+            "cached_values_per_token": f"{r['cached_values_per_token']} vs {d['cached_values_per_token']}",
+        }
+    streams = report["streams_in_budget"]
+    for key, value in streams.items():
+        if key.startswith("mla/") and f"dense/{key[4:]}" in streams:
+            dense_streams = streams[f"dense/{key[4:]}"]["max_streams"]
+            if value["max_streams"] and dense_streams:
+                out[f"streams/{key[4:]}"] = value["max_streams"] / dense_streams
+    return out
+
+
+def print_bench(report: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dense vs MLA on {report['device']} ({report['mode']})", title_justify="left")
+    for name in ("variant", "window", "chunk", "batch", "values/token", "cache MiB", "peak GiB", "chunk s", "fps"):
+        table.add_column(name, justify="right")
+    for r in report["rows"]:
+        if r.get("oom"):
+            table.add_row(r["variant"], str(r["window"]), str(r["chunk"]), str(r["batch"]), "", "", "OOM", "", "")
+            continue
+        table.add_row(
+            r["variant"], str(r["window"]), str(r["chunk"]), str(r["batch"]), str(r["cached_values_per_token"]),
+            f"{r['cache_mib']:.1f}", "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}", f"{r['chunk_latency_s']:.3f}", f"{r['fps']:.1f}",
+        )
+    console.print(table)
+    for key, value in report["ratios"].items():
+        if isinstance(value, dict):
+            parts = [f"{name} {v:.2f}x" for name, v in value.items() if isinstance(v, float)]
+            console.print(f"MLA / dense {key}: " + ", ".join(parts), highlight=False)
+        else:
+            console.print(f"MLA / dense {key}: {value:.2f}x", highlight=False)
+    for key, value in report["streams_in_budget"].items():
+        console.print(f"streams in {report['settings']['budget_gib']:g} GiB, {key}: {value['max_streams']}", highlight=False)
+    for variant, value in report["long_rollout"].items():
+        if variant != "weights_gib":
+            peak = "-" if value["peak_memory_gib"] is None else f"{value['peak_memory_gib']:.2f}"
+            console.print(f"{value['seconds_of_video']:g} s rollout, {variant}: peak {peak} GiB, {value['fps']:.1f} fps", highlight=False)
+
+
+def plot_bench(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from mlaconvert.outputs import atomic_file
+
+    rows = [r for r in report["rows"] if not r.get("oom")]
+    labels = sorted({(r["window"], r["chunk"], r["batch"]) for r in rows})
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3)
+    metrics = [("fps", "video frames / s"), ("peak_memory_gib", "peak GPU memory (GiB)"), ("cache_mib", "KV cache (MiB)")]
+    width = 0.38
+    for ax, (metric, title) in zip(axes, metrics):
+        for offset, variant in ((-width / 2, "dense"), (width / 2, "mla")):
+            values = [next((r[metric] or 0 for r in rows if r["variant"] == variant and (r["window"], r["chunk"], r["batch"]) == key), 0) for key in labels]
+            ax.bar([i + offset for i in range(len(labels))], values, width, label=variant)
+        ax.set_xticks(range(len(labels)), [f"w{w} c{c} b{b}" for w, c, b in labels])
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend()
+    fig.suptitle(f"mlaconvert bench: {report['device']}, {report['settings']['height']}x{report['settings']['width']}")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def write_bench(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    from mlaconvert.outputs import write_json
+
+    out_dir = Path(out_dir)
+    stem = "bench-" + report["device"].lower().replace(" ", "-") + ("-compiled" if report["settings"]["compile"] else "")
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    write_json(json_path, report)
+    plot_bench(report, png_path)
+    return json_path, png_path

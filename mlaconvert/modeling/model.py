@@ -1,0 +1,488 @@
+"""The Wan2.1 DiT in plain PyTorch, with dense or latent (MLA) self-attention behind one interface.
+
+Parameter names are Wan's native ones, so a native state dict loads as is. Shapes, in the order data flows:
+
+    latents (B, C, F, H, W) --patch_embedding--> tokens (B, L = F*h*w, dim), frame-major
+    timestep (B,) or (B, F) --sinusoid, time_embedding--> e (B, F, dim) --time_projection--> e0 (B, F, 6, dim)
+    text (B, text_len, text_dim) --text_embedding--> context (B, text_len, dim)
+    blocks: x += self_attn(mod(norm1 x)) * gate; x += cross_attn(norm3 x, context); x += ffn(mod(norm2 x)) * gate
+    head: modulated norm, linear, unpatchify -> flow prediction (B, C, F, H, W)
+
+Self-attention sees the world through three methods, which is all a KV cache needs:
+    entries(x)                 -> the per-token tensors a cache stores (dense: k, v; MLA: latent c, rope key r)
+    keys_values(entries, pos)  -> per-head K, V (rotated at the positions the cache assigns)
+    queries(x, pos)            -> per-head Q
+The residual stream and all modulation run in float32 as in Wan; linear layers run in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Protocol, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.modeling.config import WanConfig
+from mlaconvert.modeling.masks import AttentionBackend, Mask, attention, chunked_inputs
+from mlaconvert.modeling.rope import Rotary, grid_positions, leading_rope_pairs
+
+
+class LayerKV(Protocol):
+    """One layer's view of a KV cache for the current forward."""
+
+    def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Return (cached + new entries, their RoPE positions); store the new ones if this forward commits."""
+        ...
+
+
+class KVStep(Protocol):
+    """What a cache hands the model for one forward: query positions and per-layer views."""
+
+    query_positions: torch.Tensor
+
+    def layer(self, index: int) -> LayerKV: ...
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm: normalise in float32 over the whole width (all heads at once), then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype (Wan's WanLayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that first casts its input to the weights' dtype: the residual stream and modulation stay in
+    float32 while the projections run in the weights' dtype (Wan's mixed precision)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that first casts its input to the weights' dtype (the patch embedding; see Linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+class Attention(nn.Module):
+    """Shared forward of dense and latent self-attention; subclasses define what is cached and how."""
+
+    num_heads: int
+    head_dim: int
+    o: Linear
+
+    def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cache_widths(self) -> tuple[int, ...]:
+        """Width of each cached entry per token, in the order `entries` returns them."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: LayerKV | None = None,
+        mask: Mask | None = None,
+    ) -> torch.Tensor:
+        entries = self.entries(x)
+        kv_positions = positions
+        if past is not None:
+            entries, kv_positions = past.extend(entries)
+        q = self.queries(x, positions)
+        k, v = self.keys_values(entries, kv_positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = attention(q, k, v, mask)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class DenseSelfAttention(Attention):
+    """Wan's self-attention: full-width RMS-normed q/k, 3D RoPE on every pair; caches k (normed, unrotated) and v."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.dim
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+        self.rotary = Rotary.full(config.head_dim, config.rope_theta)
+
+    def cache_widths(self) -> tuple[int, ...]:
+        return (self.num_heads * self.head_dim,) * 2
+
+    def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.norm_k(self.k(x)), self.v(x)
+
+    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (e.unflatten(-1, (self.num_heads, self.head_dim)) for e in entries)
+        return self.rotary.apply(k, *self.rotary.cos_sin(positions)), v
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.rotary.apply(q, *self.rotary.cos_sin(positions))
+
+
+class LatentSelfAttention(Attention):
+    """Multi-head latent attention with a shared, decoupled 3D-RoPE key (DESIGN §3).
+
+    Per token it caches the content latent c = kv_down x (dc values) and the rope key r = k_rope x + b (rope_dim
+    values, unrotated). Head h attends with q^h = [q_C^h ; rot(mix^h q_R^h)] and k^h = [s k_up(c)^h ; s rot(r)],
+    v^h = v_up(c)^h. The per-token key scale s is Wan's key RMS norm evaluated on the pre-norm key the latent
+    stands for: the content part plus, for the rope key, the quadratic form `k_rope_norm` (one 2x2 per pair)
+    that gives the energy of all heads' rope dims it replaces — exact whenever the heads agree up to a complex
+    scale. Wan's elementwise key-norm weight is inside r for rope dims and on the query side (norm_q) for
+    content dims, where it has the same effect on every score.
+    """
+
+    def __init__(self, config: WanConfig, layer: int):
+        super().__init__()
+        mla = config.mla
+        assert mla is not None
+        dim, dc, dr = config.dim, mla.dc[layer], mla.rope_dim
+        self.num_heads, self.head_dim, self.nope_dim, self.rope_dim = config.num_heads, config.head_dim, mla.nope_dim, dr
+        self.eps = config.eps
+        if mla.q_rank:
+            self.q_down = Linear(dim, mla.q_rank, bias=False)
+            self.q_up = Linear(mla.q_rank, dim)
+        else:
+            self.q = Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.q_rope_mix = nn.Parameter(torch.eye(2).repeat(self.num_heads, dr // 2, 1, 1))
+        self.kv_down = Linear(dim, dc, bias=False)
+        self.k_up = Linear(dc, self.num_heads * self.nope_dim)
+        self.v_up = Linear(dc, dim)
+        self.k_rope = Linear(dim, dr)
+        self.k_rope_norm = nn.Parameter(torch.eye(2).repeat(dr // 2, 1, 1) * self.num_heads)
+        self.o = Linear(dim, dim)
+        rope_pairs = mla.rope_pairs[layer] if mla.rope_pairs else leading_rope_pairs(config.head_dim, dr)
+        self.rotary = Rotary([p for axis in rope_pairs for p in axis], config.head_dim, config.rope_theta)
+
+    def cache_widths(self) -> tuple[int, ...]:
+        return self.kv_down.out_features, self.rope_dim
+
+    @torch.no_grad()
+    def project_key_form(self) -> None:
+        """Move `k_rope_norm` to the nearest (Frobenius) positive semi-definite form: symmetrise, clamp the
+        eigenvalues at 0. An energy must not go negative — its square root would be NaN — and an optimizer
+        step knows nothing of that; projecting after each step keeps the stored 2x2 form (the export format)."""
+        form = self.k_rope_norm
+        values, vectors = torch.linalg.eigh(((form + form.transpose(-1, -2)) / 2).double())
+        form.copy_((vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.transpose(-1, -2))
+
+    def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.kv_down(x), self.k_rope(x)
+
+    def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
+        pairs = r.float().unflatten(-1, (-1, 2))
+        rope_energy = torch.einsum("...pi,pij,...pj->...", pairs, self.k_rope_norm.float(), pairs).unsqueeze(-1)
+        # The norm is reduced in float32 without a float32 copy of the whole window's content keys.
+        norm_dtype = torch.promote_types(k_c.dtype, torch.float32)
+        energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
+        return torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
+
+    def head_keys(self, entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's key, unrotated and before the per-token scale, (..., H, head_dim) = [k_up(c)^h ; mix^hᵀ r],
+        and that scale s (..., 1).
+
+        The query's rope mix is a complex scale per pair, which commutes with the rotation, so moved to the key
+        side it gives the key each head's scores see: the pre-norm dense key this layer stands for, except for
+        Wan's key-norm weight (inside r on the rope dims, in norm_q on the content dims).
+        """
+        c, r = entries
+        k_c = self.k_up(c)
+        k_r = torch.einsum("...pj,hpji->...hpi", r.float().unflatten(-1, (-1, 2)), self.q_rope_mix.float()).flatten(-2)
+        k = torch.cat([k_c.float().unflatten(-1, (self.num_heads, self.nope_dim)), k_r], dim=-1)
+        return k, self.key_scale(k_c, r)
+
+    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r = entries
+        k_c = self.k_up(c)
+        pairs = r.float().unflatten(-1, (-1, 2))
+        scale = self.key_scale(k_c, r)
+        k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
+        k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(positions))
+        k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
+        v = self.v_up(c).unflatten(-1, (self.num_heads, self.head_dim))
+        return k, v
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q = self.q_up(self.q_down(x)) if hasattr(self, "q_down") else self.q(x)
+        q = self.norm_q(q).unflatten(-1, (self.num_heads, self.head_dim))
+        q_c, q_r = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_r = torch.einsum("blhpj,hpij->blhpi", q_r.unflatten(-1, (-1, 2)), self.q_rope_mix.to(q_r.dtype)).flatten(-2)
+        return torch.cat([q_c, self.rotary.apply(q_r, *self.rotary.cos_sin(positions))], dim=-1)
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the text tokens; no positions, nothing cached across chunks."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads).transpose(1, 2)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads).transpose(1, 2)
+        v = self.v(context).unflatten(-1, heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, config: WanConfig, layer: int):
+        super().__init__()
+        dim = config.dim
+        self.norm1 = LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.self_attn = LatentSelfAttention(config, layer) if config.mla else DenseSelfAttention(config)
+        self.norm3 = LayerNorm(dim, config.eps) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(config)
+        self.norm2 = LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        positions: torch.Tensor,
+        past: LayerKV | None,
+        mask: Mask | None,
+    ) -> torch.Tensor:
+        # e0 is per latent frame; x is modulated frame by frame through a (B, F, tokens_per_frame, dim) view.
+        b, frames = e0.shape[:2]
+        e = (self.modulation.float() + e0).unsqueeze(2).unbind(3)  # 6 x (B, F, 1, dim)
+
+        def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return (h.view(b, frames, -1, h.shape[-1]) * (1 + scale) + shift).flatten(1, 2)
+
+        def gated(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            return (h.float().view(b, frames, -1, h.shape[-1]) * gate).flatten(1, 2)
+
+        y = self.self_attn(modulate(self.norm1(x), e[0], e[1]), positions, past, mask)
+        x = x + gated(y, e[2])
+        x = x + self.cross_attn(self.norm3(x), context).float()
+        y = self.ffn(modulate(self.norm2(x), e[3], e[4]))
+        return x + gated(y, e[5])
+
+
+class Head(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        out = config.out_dim * math.prod(config.patch_size)
+        self.norm = LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = Linear(config.dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        b, frames = e.shape[:2]
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # (B, F, 1, dim)
+        h = (self.norm(x).view(b, frames, -1, x.shape[-1]) * (1 + scale) + shift).flatten(1, 2)
+        return self.head(h)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 text-to-video DiT; bidirectional, block-causal, or chunk-by-chunk against a KV cache."""
+
+    def __init__(self, config: WanConfig, attention_backend: AttentionBackend = "auto"):
+        super().__init__()
+        if attention_backend not in get_args(AttentionBackend):
+            raise ValueError(f"unknown attention backend {attention_backend!r}; use one of {get_args(AttentionBackend)}")
+        self.config = config
+        self.attention_backend = attention_backend
+        dim = config.dim
+        self.patch_embedding = Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim))
+        self.time_embedding = nn.Sequential(Linear(config.freq_dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.head = Head(config)
+        self.gradient_checkpointing = False
+
+    # The Hugging Face pair below is written out rather than inherited from huggingface_hub's ModelHubMixin: the
+    # mixin downloads a repo snapshot and rebuilds the model from its own config dict, while `hub.load_source`
+    # already resolves every SOURCE form (files inside repos, training .pt, diffusers layout, allow-patterns,
+    # revisions, offline) and reads the native and export layouts that save_pretrained must write.
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        config: WanConfig | str | None = None,
+        head_dim: int = 128,
+        attention_backend: AttentionBackend = "auto",
+    ) -> WanModel:
+        """A dense or MLA model from any SOURCE `hub.load_source` accepts: a Hub repo (optionally @revision, or a
+        file inside it), a local folder (native, diffusers, an mlaconvert export), a checkpoint file, builtin:NAME.
+        `config`/`head_dim` size a bare training .pt, which carries no config."""
+        from mlaconvert.checkpoints.hub import load_source
+
+        checkpoint = load_source(source, config=config, head_dim=head_dim, revision=revision)
+        return load_model(checkpoint.config, checkpoint.state_dict, device, dtype, attention_backend)
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write `config.json` + safetensors so that `from_pretrained(folder)` (and every command) loads it back:
+        a dense model in native Wan layout, an MLA model in the export layout (without the rank report and model
+        card that `convert`/`finetune` add). Atomic; an existing folder is replaced only with `force`."""
+        from mlaconvert.checkpoints.formats import save_native
+        from mlaconvert.conversion.export import save_weights
+        from mlaconvert.outputs import atomic_dir, write_json
+
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        with atomic_dir(Path(folder), force) as tmp:
+            if self.config.is_mla:
+                save_weights(state, tmp)
+                write_json(tmp / "config.json", self.config.to_dict())
+            else:
+                save_native(self.config, state, tmp)
+        return Path(folder)
+
+    def compile_blocks(self) -> None:
+        """torch.compile every block (dynamic shapes: the cached window grows, batches vary). Fuses the many
+        small float32 modulation, norm and rotation ops that otherwise leave the GPU waiting on launches."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        first_frame: int = 0,
+        chunk_frames: int | None = None,
+        window: int | None = None,
+        cache: KVStep | None = None,
+        clean: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow prediction for `latents` (B, C, F, H, W).
+
+        timestep: (B,) or per latent frame (B, F). first_frame: absolute index of the first latent frame (RoPE).
+        chunk_frames: run block-causally, chunks of that many frames attending to themselves and earlier chunks.
+        window: with chunk_frames, each chunk sees only the last `window` frames up to its own last one — what a
+            sampler's cache of that window holds once it slides (sink frames aside: clips no longer than the
+            window see exactly what any cache gives them); None = every earlier frame.
+        cache: a KVStep from a cache (see cache.py); the frames then attend to what it holds plus themselves.
+        clean: teacher forcing (needs chunk_frames). The clean clip runs alongside at t = 0 and each noisy chunk
+            attends to the clean chunks before it and to itself — in one forward, what the cached rollout does
+            chunk by chunk. Only the noisy frames' prediction is returned.
+        """
+        cfg = self.config
+        b, _, frames, height, width = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise MlaconvertError(
+                f"latent size {frames}x{height}x{width} is not divisible by the patch size {pt}x{ph}x{pw}"
+            )
+        grid = (frames // pt, height // ph, width // pw)
+        t = timestep.reshape(b, -1).expand(b, grid[0]) if timestep.dim() < 2 or timestep.shape[1] == 1 else timestep
+        positions = grid_positions(*grid, first_frame=first_frame, device=latents.device)
+        mask = None
+        if cache is not None:
+            positions = cache.query_positions
+        elif chunk_frames is not None:
+            latents, t, positions, mask = chunked_inputs(
+                latents, t, positions, grid, first_frame, chunk_frames, window, clean, self.attention_backend
+            )
+        elif clean is not None:
+            raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
+
+        x = self.patch_embedding(latents).flatten(2).transpose(1, 2).float()
+        e = self.time_embedding(sinusoid(t, cfg.freq_dim)).float()
+        e0 = self.time_projection(e).float().unflatten(-1, (6, cfg.dim))
+        context = self.text_embedding(text)
+
+        for i, block in enumerate(self.blocks):
+            past = cache.layer(i) if cache is not None else None
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, context, positions, past, mask, use_reentrant=False)
+            else:
+                x = block(x, e0, context, positions, past, mask)
+
+        out = self.head(x, e).float()
+        if clean is not None:
+            out = out[:, out.shape[1] // 2 :]
+        return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> torch.Tensor:
+    """(B, L, prod(patch)*C) tokens -> (B, C, F, H, W); each token's features are ordered (pt, ph, pw, C)."""
+    b = x.shape[0]
+    f, h, w = grid
+    x = x.reshape(b, f, h, w, *patch, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, channels, f * patch[0], h * patch[1], w * patch[2])
+
+
+def load_model(
+    config: WanConfig,
+    state_dict: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attention_backend: AttentionBackend = "auto",
+) -> WanModel:
+    """Build the model for `config` and load `state_dict` strictly, with a one-line error on any mismatch."""
+    with torch.device("meta"):
+        model = WanModel(config, attention_backend)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {_few(result.missing_keys)}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {_few(result.unexpected_keys)}")
+        kind = "MLA" if config.mla else "dense"
+        raise MlaconvertError(f"weights do not fit a {kind} Wan model of this config: " + "; ".join(parts))
+    return model.to(device=device, dtype=dtype)
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+

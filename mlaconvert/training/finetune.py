@@ -1,0 +1,456 @@
+"""`finetune`: brief data-free distillation of an MLA export from its dense teacher (DESIGN §7) — a recipe,
+read top to bottom: settings, the trainer, then the run in three phases (start or resume, train, finish).
+
+The pieces it is made of:
+    objective.py     noising, timesteps per chunk, the distillation loss, layer outputs, which tensors learn, FLOPs
+    clips.py         the clips: a --data folder, the built-in world, or the teacher's own rollouts (cached)
+    training_run.py  the run folder: seeded draws, log, checkpoints that resume exactly, publishing the export
+    processes.py     torchrun's processes (DDP): each takes its rows of the global batch; only rank 0 writes
+    finetune_report.py  teacher agreement and rank utilisation before and after, and the report's finetune section
+
+The output folder is the run and the export at once:
+    OUT/train_log.jsonl   one row per optimizer step; `eval_loss` at step 0, every `eval_every` steps and the end
+    OUT/loss.png          training loss, held-out loss and learning rate
+    OUT/checkpoint/       the latest checkpoint (trainable weights, optimizer, scheduler, RNG, data position)
+    OUT/data/<key>/       generated clips (unless a cache folder is given)
+    OUT/agreement.json    teacher agreement before and after training
+    OUT/model.safetensors, config.json, rank_report.json/.png, README.md   — the export, a valid SOURCE
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlaconvert.checkpoints.formats import Checkpoint
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.fields import help_of, setting
+from mlaconvert.modeling.config import WanConfig
+from mlaconvert.modeling.model import WanModel, load_model
+from mlaconvert.training.clips import Clips, training_clips
+from mlaconvert.training.finetune_report import finetune_section, measure_student
+from mlaconvert.training.objective import (TIMESTEP_MODES, TRAIN_MODES, AttentionOutputs, autocast_for, chunk_timesteps, distill_loss,
+                                  held_out_loss, set_trainable)
+from mlaconvert.inference.sampling import SamplerOptions, SamplerSettings, parse_timesteps
+from mlaconvert.outputs import write_json
+from mlaconvert.training.processes import Processes, processes
+from mlaconvert.training.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
+                                     check_output, clear_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
+
+AGREEMENT_NAME = "agreement.json"
+# Settings that change how a run is carried out but not what it computes; a resume may change them.
+RUN_ONLY_SETTINGS = ("checkpoint_every", "eval_every")
+
+
+@dataclass
+class FinetuneSettings:
+    """The [finetune] table of a recipe; CLI options override it."""
+
+    max_steps: int = setting(200, "Optimizer steps.")
+    batch: int = setting(1, "Clips per step over all processes.")
+    accumulate: int = setting(1, "Micro-batches per step in each process (gradient accumulation).")
+    lr: float = setting(1e-4, "Peak learning rate of AdamW.")
+    warmup: int = setting(10, "Linear warmup steps before the cosine decay to zero.")
+    weight_decay: float = 0.0  # decay pulls toward zero, not toward the factorised init: off by default
+    grad_clip: float = 1.0
+    train: str = setting("mla", "mla (the new attention tensors), attn (all self-attention) or all.")
+    layer_loss_weight: float = setting(0.0, "Weight of per-layer self-attention-output matching.")
+    timestep_mode: str = "list"  # list: the sampler's warped timesteps; uniform: uniform between the list's ends
+    gradient_checkpointing: bool = setting(True, "Activation checkpointing.")
+    checkpoint_every: int = setting(50, "Steps between checkpoints.")
+    eval_every: int = 25  # steps between evaluations of the fixed held-out objective (also at the start and end)
+    seed: int = setting(0, "Seed of data order, timesteps, noise and generated clips.")
+    # Teacher-generated data: this many clips, the last `held_out` of them kept for agreement and utilisation.
+    clips: int = setting(16, "Teacher-generated clips, held_out of them (a recipe setting) kept out of training.")
+    held_out: int = 2
+    frames: int = setting(6, "Latent frames per generated clip.")
+    height: int = setting(128, "Height of generated clips in pixels.")
+    width: int = setting(128, "Width of generated clips in pixels.")
+    generate_batch: int = 4
+    # Overrides of the model's own sampler (config.json), which the student is trained for; None keeps its value.
+    chunk: int | None = setting(None, help_of(SamplerOptions, "chunk"))
+    sampler_steps: int | None = setting(None, f"{help_of(SamplerOptions, 'steps')} For the teacher's clips and the agreement measure.")
+    sampler_timesteps: tuple[float, ...] | None = setting(None, help_of(SamplerOptions, "timesteps"), parse=parse_timesteps)
+    shift: float | None = setting(None, help_of(SamplerOptions, "shift"))
+    # The sampler itself: made by `for_model` from the model's own and the overrides above, unless given whole
+    # (from Python; a recipe names the overrides).
+    sampler: SamplerSettings | None = field(default=None, metadata={"recipe": False})
+
+    def __post_init__(self) -> None:
+        if self.sampler_timesteps is not None:
+            self.sampler_timesteps = tuple(float(t) for t in self.sampler_timesteps)  # a recipe gives a list
+
+    def for_model(self, config: WanConfig) -> FinetuneSettings:
+        """These settings with `sampler` made concrete from the model's own and the overrides, which it replaces."""
+        overrides = {"steps": self.sampler_steps, "timesteps": self.sampler_timesteps, "shift": self.shift, "chunk": self.chunk}
+        if self.sampler is None:
+            sampler = SamplerSettings.for_model(config, **overrides)
+        elif any(v is not None for v in overrides.values()):
+            raise MlaconvertError("give the sampler whole or override the model's own (chunk, sampler_steps, ...), not both")
+        else:
+            sampler = self.sampler
+            sampler.check()
+        return dataclasses.replace(self, chunk=None, sampler_steps=None, sampler_timesteps=None, shift=None, sampler=sampler)
+
+    def sampler_for(self, frames: int, seed: int) -> SamplerSettings:
+        """The sampler for rollouts of `frames`: its window spans the whole clip, so a rollout attends exactly as
+        the teacher-forcing forward does."""
+        assert self.sampler is not None, "call for_model first"
+        return dataclasses.replace(self.sampler, window=max(frames, self.sampler.chunk), seed=seed)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the report and the checkpoint's fingerprint record them: flat, the sampler resolved."""
+        assert self.sampler is not None, "call for_model first"
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampler"}
+        sampler = {"chunk": self.sampler.chunk, "sampler_steps": None, "sampler_timesteps": self.sampler.timesteps,
+                   "shift": self.sampler.shift}
+        return {**flat, **sampler}
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    step: int  # optimizer steps done
+    exported: bool  # False when stopped early (stop_after)
+    final_loss: float | None
+    report: dict[str, Any] | None = None  # the export's rank report, with the "finetune" section
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
+    """Every option problem is reported before any model is loaded."""
+    s = settings
+    if s.train not in TRAIN_MODES:
+        raise MlaconvertError(f"--train must be one of {', '.join(TRAIN_MODES)} (got '{s.train}')")
+    if s.timestep_mode not in TIMESTEP_MODES:
+        raise MlaconvertError(f"timestep_mode must be one of {', '.join(TIMESTEP_MODES)} (got '{s.timestep_mode}')")
+    positive = {"--max-steps": s.max_steps, "--batch": s.batch, "--accumulate": s.accumulate, "--checkpoint-every": s.checkpoint_every,
+                "eval_every": s.eval_every, "--clips": s.clips, "--frames": s.frames, "--height": s.height, "--width": s.width,
+                "generate_batch": s.generate_batch}
+    for name, value in positive.items():
+        if value < 1:
+            raise MlaconvertError(f"{name} must be at least 1 (got {value})")
+    if s.batch % (processes * s.accumulate):
+        raise MlaconvertError(
+            f"--batch {s.batch} must divide evenly into {processes} process(es) x --accumulate {s.accumulate} micro-batches"
+        )
+    if not 1 <= s.held_out < s.clips:
+        raise MlaconvertError(f"held_out ({s.held_out}) must be at least 1 and below --clips ({s.clips})")
+    if s.lr <= 0 or s.grad_clip <= 0 or s.weight_decay < 0 or s.warmup < 0 or s.layer_loss_weight < 0:
+        raise MlaconvertError("--lr and grad_clip must be positive; weight_decay, warmup and --layer-loss-weight non-negative")
+
+
+def _dense_mismatch(student: WanConfig, teacher: WanConfig) -> list[str]:
+    return [
+        f"{f.name} {getattr(teacher, f.name)} vs {getattr(student, f.name)}"
+        for f in dataclasses.fields(WanConfig)
+        if f.name not in ("mla", "text_len") and getattr(teacher, f.name) != getattr(student, f.name)
+    ]
+
+
+def load_pair(model: str, teacher: str | None = None) -> tuple[Checkpoint, Checkpoint]:
+    """The MLA student and its dense teacher (by default the source the export records), checked to match."""
+    from mlaconvert.checkpoints.hub import load_source
+
+    student = load_source(model)
+    if not student.config.is_mla:
+        raise MlaconvertError(f"'{model}' is a dense model; finetune needs an MLA export written by `mlaconvert convert`")
+    teacher = teacher or student.config.mla.source.get("repo")
+    if not teacher:
+        raise MlaconvertError(f"the export '{model}' records no source model; name the dense teacher with --teacher")
+    dense = load_source(teacher, head_dim=student.config.head_dim)
+    if dense.config.is_mla:
+        raise MlaconvertError(f"the teacher '{teacher}' is an MLA export; it must be the dense source model")
+    mismatch = _dense_mismatch(student.config, dense.config)
+    if mismatch:
+        raise MlaconvertError(f"the teacher '{teacher}' does not match the student (teacher vs student): {', '.join(mismatch)}")
+    if dense.info.get("config_inferred"):
+        # A bare .pt carries no config: its shapes agree with the student's, whose other fields are the source's.
+        dense.config = student.config.replace(mla=None)
+    return student, dense
+
+
+class Trainer:
+    """Student, teacher, optimizer and schedule of one run; `step` does one optimizer step over the global batch."""
+
+    def __init__(self, student: WanModel, teacher: WanModel, clips: Clips, settings: FinetuneSettings, procs: Processes):
+        self.settings, self.procs, self.clips = settings, procs, clips
+        self.student, self.teacher = student, teacher
+        self.trained = set_trainable(student, settings.train)
+        teacher.requires_grad_(False)
+        student.gradient_checkpointing = settings.gradient_checkpointing
+        self.module: nn.Module = student
+        if procs.world > 1:
+            ids = [procs.device.index] if procs.device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, settings.warmup, settings.max_steps))
+        self.student_attn, self.teacher_attn = AttentionOutputs(student), AttentionOutputs(teacher)
+        self.train_count = clips.latents.shape[0] - settings.held_out
+        self.step_count = 0
+        self.data_position = 0  # clips drawn so far from the stream of shuffled epochs
+        self.autocast = autocast_for(procs.device)
+
+    def _clip_indices(self, position: int, count: int) -> torch.Tensor:
+        """Clips `position .. position+count` of the stream: each epoch a fresh seeded permutation."""
+        n, orders, out = self.train_count, {}, []
+        for p in range(position, position + count):
+            epoch = p // n
+            if epoch not in orders:
+                generator = torch.Generator().manual_seed(derived_seed(self.settings.seed, "epoch", epoch))
+                orders[epoch] = torch.randperm(n, generator=generator)
+            out.append(int(orders[epoch][p % n]))
+        return torch.tensor(out)
+
+    def step(self) -> dict[str, Any]:
+        s, procs = self.settings, self.procs
+        tic = time.perf_counter()
+        generator = torch.Generator().manual_seed(derived_seed(s.seed, "step", self.step_count))
+        index = self._clip_indices(self.data_position, s.batch)
+        clean = self.clips.latents[index]
+        frames = clean.shape[2]
+        timesteps = chunk_timesteps(s, s.batch, frames, generator)
+        noise = torch.randn(clean.shape, generator=generator)
+        text = self.clips.text[index]
+        per_rank = s.batch // procs.world
+        micro = per_rank // s.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for a in range(s.accumulate):
+            rows = slice(procs.rank * per_rank + a * micro, procs.rank * per_rank + (a + 1) * micro)
+            last = a == s.accumulate - 1
+            sync = contextlib.nullcontext() if last or procs.world == 1 else self.module.no_sync()
+            with sync:
+                with self.autocast:
+                    loss, parts = distill_loss(
+                        self.module, self.teacher, *(x[rows].to(procs.device) for x in (clean, text, noise, timesteps)),
+                        sampler=s.sampler, layer_loss_weight=s.layer_loss_weight,
+                        student_attn=self.student_attn, teacher_attn=self.teacher_attn,
+                    )
+                # Mean over the global batch: each micro-batch weighs 1/accumulate here, DDP averages the ranks.
+                (loss / s.accumulate).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / s.accumulate
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        for block in self.student.blocks:
+            block.self_attn.project_key_form()
+        self.scheduler.step()
+        means = procs.mean(list(sums.values()))
+        self.step_count += 1
+        self.data_position += s.batch
+        seconds = time.perf_counter() - tic  # reading the losses back waited for the device
+        # Tokens the student processes: each clip runs twice, clean (context) and noisy.
+        tokens = s.batch * 2 * clean[0, 0].numel() // math.prod(self.student.config.patch_size)
+        row = {"step": self.step_count, **dict(zip(sums, means, strict=True)), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_s": tokens / seconds, "seconds": seconds}
+        if procs.device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(procs.device) / 2**30
+        return row
+
+    def held_out_loss(self) -> float:
+        """The objective on the held-out clips with the run's fixed draw (see `held_out_loss`)."""
+        return held_out_loss(self.student, self.teacher, self.clips, self.settings, self.procs.device, self.procs.world)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the trained weights, the optimizer and schedule, and the position in the data."""
+        return {
+            "step": self.step_count,
+            "data_position": self.data_position,
+            "params": {n: p.detach().cpu() for n, p in self.student.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count, self.data_position = state["step"], state["data_position"]
+
+
+def finetune(
+    model: str,
+    output: str | Path,
+    settings: FinetuneSettings,
+    *,
+    teacher: str | None = None,
+    data: str | Path | None = None,
+    prompts: list[str] | None = None,
+    encoder: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> FinetuneResult:
+    """Distil the MLA export `model` from its dense teacher and write the fine-tuned export into `output`.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this; each takes its rows of the global batch and only
+    rank 0 writes. `stop_after` ends the run after that many steps without exporting, as a kill would (the
+    checkpoints written so far stay): for time-boxed jobs and for testing --resume.
+    """
+    from rich.progress import TextColumn
+
+    from mlaconvert.progress import progress_bar
+
+    output = Path(output)
+    with processes(device) as procs:
+        check_settings(settings, procs.world)
+        progress = progress_bar(TextColumn("{task.fields[info]}"), disable=not (show_progress and procs.main))
+        try:
+            with progress:
+                run = _start(model, output, settings, procs, progress, teacher=teacher, data=data, prompts=prompts,
+                             encoder=encoder, cache_dir=cache_dir, resume=resume, force=force)
+                done = _train(run, progress, stop_after)
+            if not done:
+                rows = training_rows(run.rows)
+                return FinetuneResult(output, run.trainer.step_count, False, rows[-1]["loss"] if rows else None, log=run.rows)
+            return _finish(run)
+        except torch.OutOfMemoryError:
+            raise MlaconvertError(
+                f"out of GPU memory on {procs.device} (batch {settings.batch}, clip {settings.frames}x{settings.height}x{settings.width}, "
+                f"--train {settings.train}): try --train mla, --accumulate to split the batch, a smaller clip (--frames/--height/--width), "
+                "and keep gradient checkpointing on"
+            ) from None
+
+
+@dataclass
+class RunState:
+    """One run as its phases share it; the log's rows, the fingerprint and the measures before training are
+    rank 0's, which alone writes the run folder (empty on the other processes)."""
+
+    output: Path
+    trainer: Trainer
+    student: Checkpoint  # as loaded: the export keeps its dtypes and source
+    teacher: Checkpoint
+    teacher_sha: str
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    before: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processes, progress: Any, *, teacher: str | None,
+           data: str | Path | None, prompts: list[str] | None, encoder: str | None, cache_dir: str | Path | None,
+           resume: bool, force: bool) -> RunState:
+    """Start or resume. Every process checks the output folder and loads the models; rank 0 clears an earlier
+    run (--force), makes the clips (the teacher's are generated unless cached), checks a resumed run is this
+    one, measures the student before training (or reads what the checkpoint measured) and opens the log; then
+    every process builds its trainer on the same clips and loads the checkpoint."""
+    from mlaconvert.conversion.convert import weights_sha256
+
+    check_output(output, force=force, resume=resume)
+    student_ckpt, teacher_ckpt = load_pair(model, teacher)
+    config, dev = student_ckpt.config, procs.device
+    settings = settings.for_model(config)
+    # load_model keeps the given tensors on the CPU: train on copies (fp32 master weights).
+    student = load_model(config, {k: v.to(torch.float32, copy=True) for k, v in student_ckpt.state_dict.items()}, device=dev)
+    teacher_model = load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev,
+                               dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    teacher_sha = weights_sha256(teacher_ckpt.files) or ""
+
+    def clips() -> Clips:
+        return training_clips(settings, config, teacher_model, teacher_sha, Path(cache_dir or output / "data"), data=data,
+                              prompts=prompts, encoder=encoder, device=dev, progress=progress)
+
+    def open_run() -> tuple[Clips, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        if not resume:
+            clear_output(output, products=(AGREEMENT_NAME,))
+        made = clips()
+        fingerprint = {
+            "model": weights_sha256(student_ckpt.files), "teacher": teacher_sha, "config": config.to_dict(),
+            "data": {k: v for k, v in made.origin.items() if k != "folder"},
+            "settings": {k: v for k, v in settings.record().items() if k not in RUN_ONLY_SETTINGS},
+        }
+        fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as the saved copy reads back
+        saved = read_run(output) if resume else {"step": 0}
+        if resume:
+            check_same_run(output, saved["fingerprint"], fingerprint)
+        before = saved["before"] if resume else measure_student(student, teacher_model, made, settings, autocast_for(dev))
+        rows = trim_log(output / LOG_NAME, saved["step"])
+        if not rows:
+            rows.append({"step": 0, "eval_loss": held_out_loss(student, teacher_model, made, settings, dev, procs.world)})
+            append_row(output / LOG_NAME, rows[0])
+        return made, fingerprint, before, rows
+
+    opened = procs.on_main(open_run)
+    trainer = Trainer(student, teacher_model, opened[0] if opened else clips(), settings, procs)
+    if resume:
+        trainer.load_state_dict(load_checkpoint(output))
+    run = RunState(output, trainer, student_ckpt, teacher_ckpt, teacher_sha)
+    if opened:
+        _, run.fingerprint, run.before, run.rows = opened
+    return run
+
+
+def _train(run: RunState, progress: Any, stop_after: int | None) -> bool:
+    """Optimizer steps up to max_steps, each followed by rank 0's record of it (see `_record`); False when
+    `stop_after` ends the run early."""
+    trainer, s = run.trainer, run.trainer.settings
+    task = progress.add_task("finetune", total=s.max_steps, completed=trainer.step_count, info="")
+    while trainer.step_count < s.max_steps:
+        if stop_after is not None and trainer.step_count >= stop_after:
+            return False
+        row = trainer.step()
+        trainer.procs.on_main(functools.partial(_record, run, row, progress, task))
+    return True
+
+
+def _record(run: RunState, row: dict[str, Any], progress: Any, task: Any) -> None:
+    """The step's log row (with the held-out loss every eval_every steps and at the end), and every
+    checkpoint_every steps (and at the end) the checkpoint and the loss plot."""
+    trainer, s, step = run.trainer, run.trainer.settings, row["step"]
+    if step % s.eval_every == 0 or step == s.max_steps:
+        row["eval_loss"] = trainer.held_out_loss()
+    run.rows.append(row)
+    append_row(run.output / LOG_NAME, row)
+    progress.update(task, completed=step, info=f"loss {row['loss']:.4g}  {row['tokens_per_s']:,.0f} tok/s")
+    if step % s.checkpoint_every == 0 or step == s.max_steps:
+        save_checkpoint(run.output, trainer.state_dict(), {"step": step, "fingerprint": run.fingerprint, "before": run.before})
+        plot_loss(run.rows, run.output / LOSS_PLOT)
+
+
+def _finish(run: RunState) -> FinetuneResult:
+    """Rank 0 measures the trained student and publishes the export with a fresh rank report."""
+    done = run.trainer.procs.on_main(lambda: _export(run))
+    if done is None:  # another process: rank 0 reports
+        return FinetuneResult(run.output, run.trainer.step_count, True, None)
+    return FinetuneResult(run.output, run.trainer.step_count, True, done["finetune"]["final_loss"], report=done, log=run.rows)
+
+
+def _export(run: RunState) -> dict[str, Any]:
+    """agreement.json and the export (weights in the student's own dtypes, the rank report with the finetune
+    section); the report."""
+    from mlaconvert.conversion.rank import build_report
+
+    trainer, config = run.trainer, run.student.config
+    after = measure_student(trainer.student, trainer.teacher, trainer.clips, trainer.settings, trainer.autocast)
+    dtypes = {k: v.dtype for k, v in run.student.state_dict.items()}
+    state = {k: v.detach().to("cpu", dtypes[k]) for k, v in trainer.student.state_dict().items()}
+    report = build_report(config, state, source_info=run.student.info)
+    for entry, utilisation in zip(report["layers"], after["utilisation"], strict=True):
+        entry["mla"]["utilisation"] = utilisation
+    report["summary"]["mean_utilisation"]["latents"] = float(np.mean([u["latents"]["utilisation"] for u in after["utilisation"]]))
+    report["export"] = str(run.output)
+    report["finetune"] = finetune_section(run, after)
+    write_json(run.output / AGREEMENT_NAME, {"before": run.before["agreement"], "after": after["agreement"]})
+    publish(run.output, config, state, report)
+    return report
