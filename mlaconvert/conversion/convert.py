@@ -201,7 +201,7 @@ def _layer_records(
             "rope_pairs": {axis: list(pairs) for axis, pairs in zip(AXES, f.rope_pairs)},
             "rope_energy_kept": f.rope_energy_kept,
             "key_scale": f.key_scale,
-            "cached_values_per_token": {"dense": 2 * config.dim, "mla": mla.dc[i] + mla.rope_dim},
+            "cached_values_per_token": {"dense": config.kv_values_per_token(), "mla": mla_config.kv_values_per_token(i)},
         }
         energy_at, error_at = truncation_at(f.kv_singular_values.numpy(), mla.dc[i])
         entry["spectral_prediction"] = {"energy_at_dc": energy_at, "spectral_error_at_dc": error_at, "weighted": settings.init == "asvd"}
@@ -312,12 +312,13 @@ def conversion_report(checkpoint: Checkpoint, conversion: Conversion, settings: 
             mla["measured"] = measured
         mla["utilisation"] = mla_utilisation(weights, latents=latents, energy=settings.energy)
         entry["mla"] = mla
-    dense_total = 2 * checkpoint.config.dim * checkpoint.config.num_layers
-    mla_total = sum(d + conversion.config.mla.rope_dim for d in dcs)
+    mla_values = [conversion.config.kv_values_per_token(i) for i in range(len(dcs))]
+    dense_total = checkpoint.config.kv_values_per_token() * checkpoint.config.num_layers
+    mla_total = sum(mla_values)
     report["dc"] = uniform if uniform is not None else list(dcs)
     report["cache"].update({
         "rope_dim": conversion.config.mla.rope_dim,
-        "mla_values_per_token": [d + conversion.config.mla.rope_dim for d in dcs],
+        "mla_values_per_token": mla_values,
         "dense_values_per_token_all_layers": dense_total,
         "mla_values_per_token_all_layers": mla_total,
         "reduction": 1 - mla_total / dense_total,

@@ -69,8 +69,8 @@ def model_card(config: WanConfig, report: Mapping[str, Any], params: int) -> str
     mla = config.mla
     assert mla is not None
     src = {k: v for k, v in mla.source.items() if v not in (None, "")}
-    dense = 2 * config.dim
-    latent = [d + mla.rope_dim for d in mla.dc]
+    dense = config.replace(mla=None).kv_values_per_token()
+    latent = [config.kv_values_per_token(i) for i in range(config.num_layers)]
     mean_latent = sum(latent) / len(latent)
     dc_text = str(mla.dc[0]) if len(set(mla.dc)) == 1 else f"per layer {list(mla.dc)}"
     known = ", ".join(f"{key} `{src[key]}`" for key in ("revision", "format", "sha256") if key in src)

@@ -112,7 +112,8 @@ def _mla_layer(config: WanConfig, state_dict: Mapping[str, torch.Tensor], index:
         "index": index,
         "mla": {
             "dc": mla.dc[index],
-            "cached_values_per_token": {"dense": 2 * config.dim, "mla": mla.dc[index] + mla.rope_dim},
+            "cached_values_per_token": {"dense": config.replace(mla=None).kv_values_per_token(),
+                                        "mla": config.kv_values_per_token(index)},
             "utilisation": mla_utilisation(weights, energy=energy),
         },
     }
@@ -150,6 +151,7 @@ def build_report(
     """
     check_options(dc, energy)
     device = device or choose_device(None)
+    dense_values = config.replace(mla=None).kv_values_per_token()
     analyse = _layer_analysis(config, state_dict, energy=energy, dc=dc, device=device)
     start = time.perf_counter()
     layers = []
@@ -174,8 +176,8 @@ def build_report(
         "method": "eigvalsh of float64 Gram matrices",
         "seconds": round(seconds, 3),
         "cache": {
-            "dense_values_per_token": 2 * config.dim,
-            "dense_values_per_token_all_layers": 2 * config.dim * config.num_layers,
+            "dense_values_per_token": dense_values,
+            "dense_values_per_token_all_layers": dense_values * config.num_layers,
             # The MLA cache adds the shared rope key (dR values) to this; analyze does not choose dR.
             "latent_content_values_per_token": dc,
         },

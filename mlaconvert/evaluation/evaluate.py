@@ -206,7 +206,7 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
              force: bool = False) -> dict[str, Any]:
     """Evaluate `model_spec` (and `teacher`) and write OUT/eval.json, OUT/eval.png and OUT/strip.png."""
     from mlaconvert.checkpoints.hub import load_source
-    from mlaconvert.devices import choose_device
+    from mlaconvert.devices import choose_device, default_dtype
     from mlaconvert.modeling.model import load_model
     from mlaconvert.outputs import atomic_dir, check_writable, write_json
     from mlaconvert.progress import progress_bar
@@ -230,7 +230,7 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
     if teacher_ckpt is not None:
         _check_teacher(cfg, teacher_ckpt.config)
     dev = choose_device(device, sum(t.numel() for t in checkpoint.state_dict.values()))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = default_dtype(dev)
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
     teacher_model = None if teacher_ckpt is None else load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev, dtype=dtype).eval()
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mlaconvert.checkpoints.hub import fetch_component
+from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.outputs import atomic_file, check_writable
 
@@ -59,8 +60,8 @@ def encode_prompts(
         raise MlaconvertError("no prompts to encode")
     if text_len < 1:
         raise MlaconvertError(f"text length must be at least 1, got {text_len}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = choose_device(device)
+    dtype = dtype or default_dtype(device)
 
     tokenizer, model = _load_encoder(encoder, dtype)
     tokens = tokenizer(

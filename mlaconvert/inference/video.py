@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mlaconvert.checkpoints.hub import fetch_component
+from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.outputs import atomic_file, check_writable
 
@@ -54,7 +55,7 @@ def load_vae(
         vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         raise MlaconvertError(f"cannot load the Wan VAE from '{folder}': {str(e).splitlines()[0]}") from e
-    return vae.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return vae.to(choose_device(device)).eval()
 
 
 class StreamingDecoder:

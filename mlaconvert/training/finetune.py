@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mlaconvert.checkpoints.formats import Checkpoint
+from mlaconvert.devices import default_dtype
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.fields import help_of, setting
 from mlaconvert.modeling.config import WanConfig
@@ -364,7 +365,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
     # load_model keeps the given tensors on the CPU: train on copies (fp32 master weights).
     student = load_model(config, {k: v.to(torch.float32, copy=True) for k, v in student_ckpt.state_dict.items()}, device=dev)
     teacher_model = load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev,
-                               dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                               dtype=default_dtype(dev))
     teacher_sha = weights_sha256(teacher_ckpt.files) or ""
 
     def clips() -> Clips:
