@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.inference.sampling import SamplerSettings, warp_timesteps
 from mlaconvert.modeling.model import WanModel
 
-# The Self-Forcing denoising list warped by shift 5 (see sampling): the timesteps the streaming model runs at.
-DEFAULT_TIMESTEPS = (1000.0, 937.5, 833.3333, 625.0)
+# The timesteps a streaming model runs at: the default denoising list warped by the default shift (Self-Forcing's).
+DEFAULT_TIMESTEPS = tuple(warp_timesteps(SamplerSettings.timesteps, SamplerSettings.shift))
 
 
 @dataclass

@@ -22,7 +22,7 @@ from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.fields import setting
 from mlaconvert.modeling.cache import KVCache
-from mlaconvert.modeling.config import WanConfig
+from mlaconvert.modeling.config import SamplerDefaults, WanConfig
 from mlaconvert.modeling.model import WanModel
 
 VIDEO_FPS = 16
@@ -47,12 +47,14 @@ def parse_timesteps(text: str) -> tuple[float, ...]:
 
 @dataclass
 class SamplerSettings:
-    chunk: int = 3
-    window: int = 21  # attention span in latent frames, the current chunk included
-    sink: int = 0
-    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # denoising list before the shift
-    shift: float = 5.0
-    positions: str = "auto"  # absolute, reindex, or auto (absolute while the rollout fits Wan's RoPE table)
+    """A concrete sampler; its defaults are SamplerDefaults' (Wan's streaming models), for_model takes a model's own."""
+
+    chunk: int = SamplerDefaults.chunk
+    window: int = SamplerDefaults.window  # attention span in latent frames, the current chunk included
+    sink: int = SamplerDefaults.sink
+    timesteps: tuple[float, ...] = denoising_timesteps(SamplerDefaults.steps)  # denoising list before the shift
+    shift: float = SamplerDefaults.shift
+    positions: str = SamplerDefaults.positions  # absolute, reindex, or auto (absolute while it fits Wan's RoPE table)
     seed: int = 0
 
     @classmethod
