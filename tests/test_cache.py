@@ -34,16 +34,17 @@ def stored_widths(cache: KVCache) -> list[int]:
     return [sum(t.shape[-1] for t in layer) for layer in cache.layers]
 
 
-@pytest.mark.parametrize("window", [FRAMES, 3])
+@pytest.mark.parametrize("window,sink", [(FRAMES, 0), (3, 0), (4, 1)])
 @pytest.mark.parametrize("kind", ["dense", "mla"])
-def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind, window):
-    """Also once the window slides: a window of 3 frames keeps one frame of the chunk before."""
+def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind, window, sink):
+    """Also once the window slides: a window of 3 frames keeps one frame of the chunk before; with a sink frame,
+    frame 0 stays in view while frame 1 leaves."""
     model = models[kind]
     x, text = clip()
     t = torch.tensor([[5.0] * FRAMES, [700.0] * FRAMES])
     with torch.no_grad():
-        expected = model(x, t, text, chunk_frames=CHUNK, window=window)
-        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=window, positions="absolute")
+        expected = model(x, t, text, chunk_frames=CHUNK, window=window, sink=sink)
+        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=window, sink=sink, positions="absolute")
         got = []
         for start in range(0, FRAMES, CHUNK):
             sl = slice(start, start + CHUNK)
@@ -54,9 +55,9 @@ def test_chunked_rollout_with_cache_equals_block_causal_forward(models, kind, wi
     assert stored_widths(cache) == [model.config.kv_values_per_token(i) for i in range(model.config.num_layers)]
 
 
-@pytest.mark.parametrize("window", [FRAMES, 3])
+@pytest.mark.parametrize("window,sink", [(FRAMES, 0), (3, 0), (4, 1)])
 @pytest.mark.parametrize("kind", ["dense", "mla"])
-def test_teacher_forcing_equals_noisy_chunks_against_a_cache_of_clean_ones(models, kind, window):
+def test_teacher_forcing_equals_noisy_chunks_against_a_cache_of_clean_ones(models, kind, window, sink):
     """The training forward (clean context + noisy chunks in one pass) is the sampler's cached computation,
     with a sliding window too."""
     model = models[kind]
@@ -64,8 +65,8 @@ def test_teacher_forcing_equals_noisy_chunks_against_a_cache_of_clean_ones(model
     noisy = torch.randn_like(clean)
     t = torch.tensor([[900.0] * CHUNK + [500.0] * CHUNK + [100.0] * CHUNK] * 2)
     with torch.no_grad():
-        expected = model(noisy, t, text, chunk_frames=CHUNK, window=window, clean=clean)
-        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=window, positions="absolute")
+        expected = model(noisy, t, text, chunk_frames=CHUNK, window=window, sink=sink, clean=clean)
+        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=window, sink=sink, positions="absolute")
         got = []
         for start in range(0, FRAMES, CHUNK):
             sl = slice(start, start + CHUNK)
@@ -138,7 +139,7 @@ def test_flex_attention_masks_equal_the_boolean_masks(models, kind):
     with torch.no_grad():
         for backend in ("sdpa", "flex"):
             model = load_model(models[kind].config, models[kind].state_dict(), attention_backend=backend).eval()
-            out[backend] = [model(noisy, t, text, chunk_frames=CHUNK, window=window, clean=c)
-                            for window in (None, 3) for c in (None, clean)]
+            out[backend] = [model(noisy, t, text, chunk_frames=CHUNK, window=window, sink=sink, clean=c)
+                            for window, sink in ((None, 0), (3, 0), (4, 1)) for c in (None, clean)]
     for a, b in zip(out["sdpa"], out["flex"]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -110,16 +110,16 @@ def test_block_causal_matches_diffusers_with_the_same_mask():
     assert (bidirectional - expected).abs().max().item() > 1e-3  # the mask matters
 
 
-@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("window,sink", [(None, 0), (4, 0), (4, 1)])
 @pytest.mark.parametrize("teacher_forcing", [False, True])
-def test_chunk_spans_attend_exactly_as_the_boolean_mask(teacher_forcing, window):
+def test_chunk_spans_attend_exactly_as_the_boolean_mask(teacher_forcing, window, sink):
     """Per-chunk unmasked SDPA against one SDPA with the mask written out in numpy (last chunk partial; a window
-    of 4 frames cuts part of a chunk off)."""
+    of 4 frames cuts part of a chunk off; a sink frame stays in view)."""
     from mlaconvert.modeling.masks import ChunkSpans, span_attention
 
     frame = np.arange(8)  # one token a frame, chunks of 3 frames
     chunk = frame // 3
-    first = np.maximum(0, np.minimum((chunk + 1) * 3, 8) - (window or 8))
+    first = np.maximum(0, np.minimum((chunk + 1) * 3, 8) - ((window or 8) - sink))
     n = frame.size
     c, f, lo = (np.concatenate([x] * (2 if teacher_forcing else 1)) for x in (chunk, frame, first))
     noisy = np.arange(c.size) >= n
@@ -128,12 +128,12 @@ def test_chunk_spans_attend_exactly_as_the_boolean_mask(teacher_forcing, window)
                         ~noisy[None] & (c[None] <= c[:, None]))
     else:
         mask = c[None] <= c[:, None]
-    mask &= f[None] >= lo[:, None]
+    mask &= (f[None] >= lo[:, None]) | (f[None] < sink)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, c.size, 8, generator=g) for _ in range(3))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(mask))
-    starts = (0, 2, 4) if window else (0, 0, 0)
-    got = span_attention(q, k, v, ChunkSpans((0, 3, 6, 8), teacher_forcing, starts))
+    starts = {None: (0, 0, 0), 0: (0, 2, 4), 1: (0, 3, 5)}[sink if window else None]
+    got = span_attention(q, k, v, ChunkSpans((0, 3, 6, 8), teacher_forcing, starts, sink))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 

@@ -39,6 +39,7 @@ def flow_errors(
     *,
     chunk: int,
     window: int | None,
+    sink: int,
     timesteps: list[float],
     seed: int = 0,
 ) -> list[float]:
@@ -56,8 +57,8 @@ def flow_errors(
         sigma = t / 1000.0
         noisy = (1 - sigma) * clean + sigma * noise
         tt = torch.full((batch, frames), t, device=device)
-        target = teacher(noisy, tt, text, chunk_frames=chunk, window=window, clean=clean)
-        flow = student(noisy, tt, text, chunk_frames=chunk, window=window, clean=clean)
+        target = teacher(noisy, tt, text, chunk_frames=chunk, window=window, sink=sink, clean=clean)
+        flow = student(noisy, tt, text, chunk_frames=chunk, window=window, sink=sink, clean=clean)
         errors.append(float((flow - target).norm() / target.norm()))
     return errors
 
@@ -106,7 +107,8 @@ def teacher_agreement(
     """
     frames, latent_size = clips.shape[2], (clips.shape[3], clips.shape[4])
     timesteps = warp_timesteps(settings.timesteps, settings.shift)
-    errors = flow_errors(student, teacher, clips, text, chunk=settings.chunk, window=settings.window, timesteps=timesteps, seed=seed)
+    errors = flow_errors(student, teacher, clips, text, chunk=settings.chunk, window=settings.window, sink=settings.sink,
+                         timesteps=timesteps, seed=seed)
     psnr = rollout_psnr(student, teacher, text, frames=frames, latent_size=latent_size, settings=settings)
     return {
         "clips": clips.shape[0],

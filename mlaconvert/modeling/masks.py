@@ -32,6 +32,7 @@ def chunked_inputs(
     first_frame: int,
     chunk_frames: int,
     window: int | None,
+    sink: int,
     clean: torch.Tensor | None,
     backend: AttentionBackend,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Mask]:
@@ -39,10 +40,11 @@ def chunked_inputs(
 
     t is per latent frame (B, F), positions per token. With `clean` (teacher forcing) the clean clip is put before
     the noisy one at t = 0 with the same positions, since both stand for the same frames; the mask then lets each
-    noisy chunk see the clean chunks before it and itself (see chunk_mask).
+    noisy chunk see the clean chunks before it and itself (see chunk_mask). A window (with `sink` frames) limits
+    what each chunk sees as the sampler's cache does.
     """
-    if window is not None and window < chunk_frames:
-        raise MlaconvertError(f"a window of {window} frames cannot hold a chunk of {chunk_frames}")
+    if window is not None and window - sink < chunk_frames:
+        raise MlaconvertError(f"a window of {window} frames with {sink} sink frames cannot hold a chunk of {chunk_frames}")
     frames = grid[0]
     frame = positions[:, 0] - first_frame
     teacher_forcing = clean is not None
@@ -55,16 +57,26 @@ def chunked_inputs(
     if backend == "sdpa":
         per_frame = grid[1] * grid[2]
         ends = [min(f + chunk_frames, frames) for f in range(0, frames, chunk_frames)]
-        first = [max(0, e - window) if window is not None else 0 for e in ends]
+        # Once the window's recent part no longer meets the sink, the keys are two runs: the sink, then the rest.
+        first = [w if w > sink else 0 for w in (window_start(e, window, sink) for e in ends)]
         return latents, t, positions, ChunkSpans((0, *(e * per_frame for e in ends)), teacher_forcing,
-                                                 tuple(f * per_frame for f in first))
-    return latents, t, positions, chunk_mask(frame, chunk_frames, window, teacher_forcing=teacher_forcing)
+                                                 tuple(f * per_frame for f in first), sink * per_frame)
+    return latents, t, positions, chunk_mask(frame, chunk_frames, window, sink, teacher_forcing=teacher_forcing)
 
 
-def chunk_mask(frame: torch.Tensor, chunk_frames: int, window: int | None, *, teacher_forcing: bool) -> BlockMask:
+def window_start(end: int | torch.Tensor, window: int | None, sink: int) -> int | torch.Tensor:
+    """The oldest non-sink frame a chunk ending before frame `end` sees: the cache keeps `sink` frames for good
+    and a ring of the last window - sink frames."""
+    start = end * 0 if window is None else end - (window - sink)
+    return start.clamp(min=0) if isinstance(start, torch.Tensor) else max(0, start)
+
+
+def chunk_mask(frame: torch.Tensor, chunk_frames: int, window: int | None, sink: int = 0, *,
+               teacher_forcing: bool) -> BlockMask:
     """Who sees whom when frames run in chunks, as flex attention's block mask; frame holds each token's frame.
 
-    Block-causal: a token sees its own chunk and earlier ones, back to `window` frames before its chunk's end.
+    Block-causal: a token sees its own chunk and earlier ones — with a window, only the first `sink` frames and the
+    last window - sink frames up to its chunk's end.
     Teacher forcing: the sequence is the clean clip followed by its noisy copy; clean tokens are block-causal among
     themselves, a noisy token sees the clean chunks before its own and its own noisy chunk — what a cached rollout
     does chunk by chunk.
@@ -72,12 +84,12 @@ def chunk_mask(frame: torch.Tensor, chunk_frames: int, window: int | None, *, te
     n = frame.numel()
     chunk = torch.div(frame, chunk_frames, rounding_mode="floor")
     end = torch.clamp((chunk + 1) * chunk_frames, max=int(frame.max()) + 1)
-    first = torch.clamp(end - window, min=0) if window is not None else torch.zeros_like(frame)
+    first = window_start(end, window, sink)
     full, frames, firsts = (torch.cat([x, x]) if teacher_forcing else x for x in (chunk, frame, first))
 
     def visible(_b, _h, q, kv):
         cq, ckv = full[q], full[kv]
-        seen = frames[kv] >= firsts[q]
+        seen = (frames[kv] >= firsts[q]) | (frames[kv] < sink)
         if not teacher_forcing:
             return seen & (ckv <= cq)
         q_noisy, kv_noisy = q >= n, kv >= n
@@ -90,16 +102,17 @@ def chunk_mask(frame: torch.Tensor, chunk_frames: int, window: int | None, *, te
 class ChunkSpans:
     """chunk_mask's visibility as token spans: chunk c holds tokens [bounds[c], bounds[c+1]) of the clip.
 
-    Its queries see the keys in [starts[c], bounds[c+1]), one contiguous run (starts[c] > 0 once a window cuts
-    the oldest frames off), so unmasked SDPA per chunk computes exactly what the mask asks — on any device,
-    without an L x L mask. With teacher forcing the sequence is the clean clip and then its noisy copy
-    (bounds[-1] tokens each), and a noisy chunk sees the clean keys in [starts[c], bounds[c]) plus its own noisy
-    chunk.
+    Its queries see the keys in [starts[c], bounds[c+1]), one contiguous run, and once a window cuts older frames
+    off (starts[c] > 0) the sink's keys [0, sink_end) too, so unmasked SDPA per chunk computes exactly what the
+    mask asks — on any device, without an L x L mask. With teacher forcing the sequence is the clean clip and then
+    its noisy copy (bounds[-1] tokens each), and a noisy chunk sees the clean keys so chosen before bounds[c] plus
+    its own noisy chunk.
     """
 
     bounds: tuple[int, ...]
     teacher_forcing: bool
     starts: tuple[int, ...]
+    sink_end: int = 0
 
 
 Mask = BlockMask | ChunkSpans
@@ -108,12 +121,16 @@ Mask = BlockMask | ChunkSpans
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: ChunkSpans) -> torch.Tensor:
     """Attention of (B, heads, L, d) tensors under `spans`, one unmasked SDPA call per chunk (and per half)."""
     n = spans.bounds[-1]
+
+    def seen(x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        return x[:, :, first:stop] if first == 0 else torch.cat([x[:, :, : spans.sink_end], x[:, :, first:stop]], dim=2)
+
     clean, noisy = [], []
     for first, (s, e) in zip(spans.starts, itertools.pairwise(spans.bounds), strict=True):
-        clean.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, first:e], v[:, :, first:e]))
+        clean.append(F.scaled_dot_product_attention(q[:, :, s:e], seen(k, first, e), seen(v, first, e)))
         if spans.teacher_forcing:
-            keys = torch.cat([k[:, :, first:s], k[:, :, n + s : n + e]], dim=2)
-            values = torch.cat([v[:, :, first:s], v[:, :, n + s : n + e]], dim=2)
+            keys = torch.cat([seen(k, first, s), k[:, :, n + s : n + e]], dim=2)
+            values = torch.cat([seen(v, first, s), v[:, :, n + s : n + e]], dim=2)
             noisy.append(F.scaled_dot_product_attention(q[:, :, n + s : n + e], keys, values))
     return torch.cat(clean + noisy, dim=2)
 

@@ -398,6 +398,7 @@ class WanModel(nn.Module):
         first_frame: int = 0,
         chunk_frames: int | None = None,
         window: int | None = None,
+        sink: int = 0,
         cache: KVStep | None = None,
         clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -406,8 +407,8 @@ class WanModel(nn.Module):
         timestep: (B,) or per latent frame (B, F). first_frame: absolute index of the first latent frame (RoPE).
         chunk_frames: run block-causally, chunks of that many frames attending to themselves and earlier chunks.
         window: with chunk_frames, each chunk sees only the last `window` frames up to its own last one — what a
-            sampler's cache of that window holds once it slides (sink frames aside: clips no longer than the
-            window see exactly what any cache gives them); None = every earlier frame.
+            sampler's cache of that window holds once it slides, `sink` first frames included; None = every
+            earlier frame.
         cache: a KVStep from a cache (see cache.py); the frames then attend to what it holds plus themselves.
         clean: teacher forcing (needs chunk_frames). The clean clip runs alongside at t = 0 and each noisy chunk
             attends to the clean chunks before it and to itself — in one forward, what the cached rollout does
@@ -428,7 +429,7 @@ class WanModel(nn.Module):
             positions = cache.query_positions
         elif chunk_frames is not None:
             latents, t, positions, mask = chunked_inputs(
-                latents, t, positions, grid, first_frame, chunk_frames, window, clean, self.attention_backend
+                latents, t, positions, grid, first_frame, chunk_frames, window, sink, clean, self.attention_backend
             )
         elif clean is not None:
             raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")

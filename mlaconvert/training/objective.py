@@ -101,7 +101,7 @@ def distill_loss(
     teacher_attn: AttentionOutputs | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Teacher-forcing distillation loss on one micro-batch, and its parts (detached); timesteps (B, F) per frame.
-    Each chunk sees the clean context the sampler's cache would hold: its chunk and window set the mask.
+    Each chunk sees the clean context the sampler's cache would hold: its chunk, window and sink set the mask.
 
     The layer term is each layer's self-attention-output MSE relative to the teacher's mean square, averaged
     over layers: deep layers have larger activations, and the relative form keeps one weight meaningful for all.
@@ -109,9 +109,11 @@ def distill_loss(
     noisy = noised(clean, noise, timesteps)
     layers = layer_loss_weight > 0
     with torch.no_grad(), (teacher_attn.recording(layers) if teacher_attn else contextlib.nullcontext()):
-        target = teacher(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, clean=clean)
+        target = teacher(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, sink=sampler.sink,
+                         clean=clean)
     with student_attn.recording(layers) if student_attn else contextlib.nullcontext():
-        flow = student(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, clean=clean)
+        flow = student(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, sink=sampler.sink,
+                       clean=clean)
     flow_loss = F.mse_loss(flow.float(), target.float())
     parts = {"flow_loss": flow_loss.detach()}
     if not layers:

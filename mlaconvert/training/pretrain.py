@@ -137,7 +137,7 @@ def flow_loss(model: nn.Module, batch: Batch, sampler: SamplerDefaults) -> torch
     """MSE of the predicted flow against v = ε - x on every noisy chunk, each seeing the context before it within
     the sampler's window — on clips longer than the window, the context a sliding cache gives."""
     noisy = noised(batch.clean, batch.noise, batch.timesteps)
-    flow = model(noisy, batch.timesteps, batch.text, chunk_frames=sampler.chunk, window=sampler.window,
+    flow = model(noisy, batch.timesteps, batch.text, chunk_frames=sampler.chunk, window=sampler.window, sink=sampler.sink,
                  clean=batch.context)
     return F.mse_loss(flow.float(), (batch.noise - batch.clean).float())
 
@@ -333,10 +333,10 @@ def training_history(source: str) -> str:
 
     path = resolve_source(source).path
     card = path / "README.md" if path.is_dir() else path.with_name("README.md")
-    if not card.is_file() or "\n## Training\n" not in card.read_text():
+    text = card.read_text() if card.is_file() else ""
+    if "\n## Training\n" not in text:
         return f"From the weights of `{source}`, whose training is not recorded beside them.\n\n"
-    section = card.read_text().split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
-    return section.strip() + "\n\n"
+    return text.split("\n## Training\n", 1)[1].split("\n## ", 1)[0].strip() + "\n\n"
 
 
 def model_card(settings: PretrainSettings, rows: list[dict[str, Any]], quality: str = "", device: str = "",
