@@ -65,6 +65,21 @@ def test_own_context_is_the_models_rollout_after_the_true_first_chunk_noised_lik
     expected = (1 - sigma) * own + sigma * batch.context_noise
     assert torch.allclose(batch.with_context(own).context, expected)
     assert torch.allclose(batch.with_context(batch.clean).context, batch.context)
+    # A share of the clips: the first see their own rollout, the rest keep the true context.
+    mixed = batch.with_context(own[:1]).context
+    assert torch.allclose(mixed[:1], expected[:1]) and torch.equal(mixed[1:], batch.context[1:])
+
+
+def test_own_context_share_rolls_out_only_its_share_of_each_batch(monkeypatch):
+    from mlaconvert.training import pretrain as recipe
+
+    settings = dataclasses.replace(TINY, batch=4, own_context_steps=1, own_context_share=0.5, max_steps=1)
+    rows = []
+    monkeypatch.setattr(recipe, "own_rollout", lambda model, batch, seed: rows.append(len(batch.clean)) or batch.clean)
+    Run(settings, torch.device("cpu")).train_step()
+    assert rows == [2]
+    with pytest.raises(MlaconvertError, match="own_context_share"):
+        dataclasses.replace(settings, own_context_share=0.1).check()  # rounds to no clip at all
 
 
 def test_a_run_can_start_from_the_weights_of_a_model_of_its_configuration(tmp_path):
@@ -100,6 +115,9 @@ def test_the_shipped_recipe_and_bad_settings():
 
     settings = settings_from_recipe(load_recipe("bouncing-balls")["pretrain"])
     assert settings.model == WORLD_MODEL and settings.max_steps > 1000
+    second = settings_from_recipe(load_recipe("bouncing-balls-own-context")["pretrain"])
+    assert second.model == WORLD_MODEL and second.init and second.own_context_steps == second.max_steps
+    assert 0 < second.own_context_rows < second.batch  # the clips left keep the true context
     assert settings_from_recipe({"model": {"num_layers": 2}}).model.num_layers == 2
     with pytest.raises(MlaconvertError, match="unknown setting"):
         settings_from_recipe({"max_step": 3})

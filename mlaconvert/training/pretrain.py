@@ -9,8 +9,10 @@ noised to its own σ ~ U(0, 1), x_σ = (1-σ) x + σ ε, and the model predicts 
 earlier chunks of the clean clip. At sampling time that context is the model's own output, never the truth; to
 make it robust to its own mistakes the context is itself lightly noised during training (σ_ctx ~ U(0,
 context_noise) per chunk) while still presented at t = 0, and for the last `own_context_steps` steps the
-context is the model's own cached rollout after the clip's true first chunk (Self-Forcing's idea, with the
-truth as target): the model learns to continue, and to correct, what it will really see when it samples.
+context of a share of the clips (`own_context_share`) is the model's own cached rollout after the clip's true
+first chunk (Self-Forcing's idea, with the truth as target): the model learns to continue, and to correct, what
+it will really see when it samples, while the clips that keep the true context keep it sharp — with every clip's
+context its own rollout, the truth a rollout has drifted from teaches the model to hedge.
 
 The output folder is the run and the model at once:
     OUT/train_log.jsonl        one row per step (loss, lr, grad norm, rate), eval_loss every eval_every steps
@@ -67,6 +69,7 @@ class PretrainSettings:
     grad_clip: float = 1.0
     context_noise: float = 0.1  # largest σ of the noise put on the clean context
     own_context_steps: int = 0  # the last steps, whose context is the model's own rollout, not the true clip
+    own_context_share: float = 1.0  # the share of those steps' clips that get it; the rest keep the true context
     init: str = setting("", "SOURCE whose weights the run starts from, a model of this config (default: random weights).")
     eval_every: int = 250  # steps between held-out losses
     eval_clips: int = 16
@@ -87,6 +90,13 @@ class PretrainSettings:
             raise MlaconvertError("frames must hold a chunk, context_noise lie in [0, 1) and lr be positive")
         if not 0 <= self.own_context_steps <= self.max_steps:
             raise MlaconvertError(f"own_context_steps must lie in [0, max_steps] (got {self.own_context_steps})")
+        if not 0 < self.own_context_share <= 1 or self.own_context_rows < 1:
+            raise MlaconvertError(f"own_context_share must give at least one clip of a batch of {self.batch} and lie in "
+                                  f"(0, 1] (got {self.own_context_share})")
+
+    @property
+    def own_context_rows(self) -> int:
+        return round(self.own_context_share * self.batch)
 
 
 @dataclass
@@ -100,8 +110,15 @@ class Batch:
     context: torch.Tensor  # the frames the model sees as context (the clean clip, lightly noised)
 
     def with_context(self, frames: torch.Tensor) -> Batch:
-        """The same batch with other context frames (e.g. the model's own rollout), noised as the clean clip was."""
-        return dataclasses.replace(self, context=noised(frames, self.context_noise, self.context_timesteps))
+        """The same batch whose first clips see other context frames (e.g. the model's own rollout), noised as the
+        clean clip was; the clips after them keep theirs."""
+        rows = len(frames)
+        own = noised(frames, self.context_noise[:rows], self.context_timesteps[:rows])
+        return dataclasses.replace(self, context=torch.cat([own, self.context[rows:]]))
+
+    def head(self, rows: int) -> Batch:
+        """The first `rows` clips."""
+        return Batch(*(getattr(self, f.name)[:rows] for f in dataclasses.fields(self)))
 
 
 def make_batch(settings: PretrainSettings, rows: int, seed: int, device: torch.device, context_noise: float) -> Batch:
@@ -213,7 +230,7 @@ class Run:
         own_context = self.step_count >= s.max_steps - s.own_context_steps
         with self.autocast:
             if own_context:
-                batch = batch.with_context(own_rollout(self.model, batch, seed))
+                batch = batch.with_context(own_rollout(self.model, batch.head(s.own_context_rows), seed))
             loss = flow_loss(self.forward, batch, s.model.sampler)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -353,6 +370,9 @@ def model_card(settings: PretrainSettings, rows: list[dict[str, Any]], quality: 
     start = "Then, from those weights, " if s.init else "From scratch, "
     window = f", each chunk seeing the last {cfg.sampler.window} frames as the sampler's cache does" if s.frames > cfg.sampler.window else ""
     sink = f", sink {cfg.sampler.sink} ({cfg.sampler.positions} positions)" if cfg.sampler.sink else ""
+    own = (f" In the last {s.own_context_steps} steps the context of {s.own_context_rows} of the {s.batch} clips was the "
+           "model's own rollout after the clip's true first chunk (the truth still the target), the rest kept the true "
+           "context." if s.own_context_steps else "")
     return f"""---
 library_name: mlaconvert
 tags: [video-diffusion, wan2.1, world-model, bouncing-balls]
@@ -370,7 +390,7 @@ world's deterministic caption embedder. Its true future is known, so conversions
 ## Training
 {earlier}{start}{len(rows)} steps of {s.batch} clips x {s.frames} frames, fresh clips every step (seed {s.seed}); flow
 matching on the ground truth with clean-context teacher forcing through the block-causal mask{window}, the context
-noised to σ <= {s.context_noise}. AdamW (lr {s.lr}, warmup {s.warmup}, cosine to zero){gpu}: {minutes:.1f} min of
+noised to σ <= {s.context_noise}.{own} AdamW (lr {s.lr}, warmup {s.warmup}, cosine to zero){gpu}: {minutes:.1f} min of
 training steps{" on one " + device if device else ""}. Final held-out flow-matching loss
 {held_out}. `mlaconvert pretrain` with these settings repeats it: `{json.dumps(training)}`.
 
