@@ -23,6 +23,7 @@ from mlaconvert.cli_options import options, with_options
 from mlaconvert.conversion.convert import ConvertSettings
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation.evaluate import EvalSettings
+from mlaconvert.evaluation.study import StudySettings
 from mlaconvert.inference.bench import BenchSettings
 from mlaconvert.inference.sampling import SamplerOptions, SamplerSettings
 from mlaconvert.training.finetune import FinetuneSettings
@@ -269,6 +270,64 @@ def print_eval(report: dict) -> None:
                f"{h['baseline_psnr_db']:.2f}", f"{h['background_psnr_db']:.2f}"]
         table.add_row(*row)
     out.print(table)
+
+
+@app.command()
+@with_options
+def study(
+    model: str = typer.Argument(None, help="The dense model to study (any SOURCE form; default: the recipe's source)."),
+    output: Path = typer.Option(Path("study"), "-o", "--output", help="Folder for study.json, study.png, strip.png and every cell."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name) with \\[study], \\[finetune] and \\[eval] tables, e.g. bouncing-balls-study; the options given override it."),
+    grid: dict[str, Any] = options(StudySettings, "dc", "init", "rope_dim", "max_steps", "headline_steps", "headline_cache"),
+    evaluation: dict[str, Any] = options(EvalSettings, "clips", "frames", "batch"),
+    device: Device = None,
+    force: bool = typer.Option(False, "--force", help="Start over in a folder that holds another study."),
+) -> None:
+    """Convert, evaluate, fine-tune and evaluate again every (init, dc) of a grid; the headline cell re-runs the
+    best small cache with a longer fine-tune. Running it again carries on where it stopped.
+
+    Example: mlaconvert study --recipe bouncing-balls-study -o study
+    """
+    from mlaconvert.evaluation.study import study as run_study
+    from mlaconvert.recipes import load_recipe, merge
+
+    plan = load_recipe(recipe) if recipe else {}
+    source = model or plan.get("source")
+    if source is None:
+        raise MlaconvertError("name the model to study, or give a --recipe with a source")
+    settings = merge(StudySettings, dict(plan.get("study", {})), grid, "study")
+    evaluation_settings = merge(EvalSettings, dict(plan.get("eval", {})), evaluation, "eval")
+    finetune_settings = merge(FinetuneSettings, dict(plan.get("finetune", {})), {}, "finetune")
+
+    def left_behind() -> str:
+        again = shlex.join(["mlaconvert", *(a for a in sys.argv[1:] if a != "--force")])
+        return f"study stopped; '{output}' keeps every finished stage; carry on with the same command: {again}"
+
+    with _on_interrupt(left_behind):
+        result = run_study(source, output, settings, finetune=finetune_settings, evaluation=evaluation_settings, device=device,
+                           force=force, on_stage=lambda cell, stage: out.print(f"{cell}: {stage}", highlight=False))
+    print_study(result)
+    out.print(f"wrote {output / 'study.json'}; look at {output / 'study.png'} and {output / 'strip.png'}")
+
+
+def print_study(result: dict) -> None:
+    """Per cell: cache, then PSNR after fine-tuning per horizon bucket beside dense; the headline's verdict."""
+    from rich.table import Table
+
+    dense = result["dense"]["horizons"]
+    table = Table(title=f"{result['model']}: PSNR to the truth after fine-tuning (dB)")
+    for column in ("cell", "cache", *(f"[{h['frames'][0]}, {h['frames'][1]})" for h in dense)):
+        table.add_column(column, justify="right")
+    table.add_row("dense", "100%", *(f"{h['psnr_db']:.2f}" for h in dense))
+    headline = [result["headline"]] if result.get("headline") else []
+    for cell in [*result["cells"], *headline]:
+        name = f"{'headline ' if cell in headline else ''}{cell['init']} dc {cell['dc']}, {cell['finetune_steps']} steps"
+        table.add_row(name, f"{cell['cache_fraction']:.1%}", *(f"{h['psnr_db']:.2f}" for h in cell["after"]["horizons"]))
+    out.print(table)
+    for cell in headline:
+        verdict = "reached" if cell["reached"] else "not reached"
+        out.print(f"headline: within {cell['target_db']} dB of dense in every bucket: {verdict} "
+                  f"(largest gap {max(cell['gaps_db']):.2f} dB at {cell['cache_fraction']:.1%} of the cache)")
 
 
 @app.command()

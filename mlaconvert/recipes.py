@@ -37,6 +37,8 @@ SECTIONS = {
     "convert": ("mlaconvert.conversion.convert", "ConvertSettings"),
     "finetune": ("mlaconvert.training.finetune", "FinetuneSettings"),
     "pretrain": ("mlaconvert.training.pretrain", "PretrainSettings"),
+    "eval": ("mlaconvert.evaluation.evaluate", "EvalSettings"),
+    "study": ("mlaconvert.evaluation.study", "StudySettings"),
 }
 # Keys of older recipes whose meaning moved: each gets a one-line error naming its replacement.
 RENAMED = {

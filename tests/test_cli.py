@@ -12,7 +12,7 @@ from mlaconvert import __version__
 from mlaconvert.errors import MlaconvertError
 
 
-@pytest.mark.parametrize("command", ["analyze", "convert", "finetune", "sample", "eval", "bench", "pretrain"])
+@pytest.mark.parametrize("command", ["analyze", "convert", "finetune", "sample", "eval", "bench", "pretrain", "study"])
 def test_every_subcommand_has_help(cli, command):
     r = cli(command, "--help")
     assert r.returncode == 0 and "Usage" in r.stdout and "Traceback" not in r.stderr
@@ -130,7 +130,7 @@ def test_help_keeps_the_section_names_and_gives_bench_units(cli):
     assert "pixels" in r.stdout and "Latent width" in r.stdout
 
 
-WORKFLOW = ["analyze", "convert", "finetune", "sample", "eval", "bench", "pretrain"]
+WORKFLOW = ["analyze", "convert", "finetune", "sample", "eval", "study", "bench", "pretrain"]
 
 
 def test_commands_come_in_workflow_order_each_with_an_example(cli):

@@ -205,14 +205,24 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
              settings: EvalSettings = EvalSettings(), sampler: SamplerSettings | None = None, device: str | None = None,
              force: bool = False) -> dict[str, Any]:
     """Evaluate `model_spec` (and `teacher`) and write OUT/eval.json, OUT/eval.png and OUT/strip.png."""
-    from mlaconvert.checkpoints.hub import load_source
-    from mlaconvert.devices import choose_device, default_dtype
-    from mlaconvert.modeling.model import load_model
-    from mlaconvert.outputs import atomic_dir, check_writable, write_json
-    from mlaconvert.progress import progress_bar
+    from mlaconvert.outputs import check_writable
 
     output = Path(output)
     check_writable(output, force)
+    result = eval_source(model_spec, teacher=teacher, data=data, settings=settings, sampler=sampler, device=device)
+    write_eval(result, output, force)
+    return result.report
+
+
+def eval_source(model_spec: str, *, teacher: str | None = None, data: str | Path | None = None,
+                settings: EvalSettings = EvalSettings(), sampler: SamplerSettings | None = None,
+                device: str | None = None) -> EvalResult:
+    """What `run_eval` writes, in memory: eval.json's report and the strip clips' frames."""
+    from mlaconvert.checkpoints.hub import load_source
+    from mlaconvert.devices import choose_device, default_dtype
+    from mlaconvert.modeling.model import load_model
+    from mlaconvert.progress import progress_bar
+
     settings.check()
     checkpoint = load_source(model_spec)
     cfg = checkpoint.config
@@ -241,7 +251,7 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
         task = bar.add_task("rollouts", total=rollouts * chunks)
         result = evaluate(model, truth, settings=settings, sampler=sampler, prefix=prefix, teacher=teacher_model,
                           on_chunk=lambda _first, _x0: bar.advance(task))
-    report = {
+    result.report = {
         "schema": SCHEMA,
         "model": model_spec,
         "teacher": teacher,
@@ -255,11 +265,18 @@ def run_eval(model_spec: str, output: str | Path, *, teacher: str | None = None,
         **result.report,
         "seconds": time.perf_counter() - start,
     }
+    return result
+
+
+def write_eval(result: EvalResult, output: Path, force: bool = False) -> None:
+    """OUT/eval.json, OUT/eval.png and OUT/strip.png, written together."""
+    from mlaconvert.outputs import atomic_dir, write_json
+
+    report = result.report
     with atomic_dir(output, force) as tmp:
         write_json(tmp / "eval.json", report)
         plot_eval(report, tmp / "eval.png")
-        write_strip(result.strip, strip_columns(prefix, result.report["horizons"]), tmp / "strip.png")
-    return report
+        write_strip(result.strip, strip_columns(report["prefix_frames"], report["horizons"]), tmp / "strip.png")
 
 
 # Plot labels and colours of the per-frame PSNR curves.

@@ -1,0 +1,339 @@
+"""`study`: the paper's claims measured on a model whose true future is known (DESIGN §9).
+
+For each (init, dc) of a grid, a cell: convert the dense model, evaluate the export against the truth, fine-tune
+it with the budget every cell gets, evaluate again. The dense model is evaluated once, as the reference row.
+The headline cell re-runs the most promising cell whose cache is at most `headline_cache` of dense with a longer
+fine-tune, and says whether it came within `margin_db` of dense in every horizon bucket.
+
+    OUT/study.json                 schema mlaconvert.study/1: settings, the dense row, the cells, the headline
+    OUT/study.png, OUT/strip.png   the claims, and truth | dense | MLA cells after their fine-tune
+    OUT/dense/                     the dense eval (eval.json, eval.png, strip.png, strip.safetensors)
+    OUT/cells/INIT-dcDC/           mla/ (the export), before/, finetuned/ (run and export), after/, cell.json
+
+A cell is done when its cell.json exists; every stage inside it is kept when finished, and an interrupted
+fine-tune resumes from its checkpoint, so running the same study again carries on where it stopped. With
+several GPUs visible the cells are shared among one process per GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mlaconvert.conversion.convert import INITS, ConvertSettings
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.evaluation.evaluate import EvalSettings, eval_source, write_eval
+from mlaconvert.fields import setting
+from mlaconvert.outputs import atomic_file, check_writable, write_json
+from mlaconvert.training.finetune import FinetuneSettings
+
+SCHEMA = "mlaconvert.study/1"
+STRIP_TENSORS = "strip.safetensors"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The [study] table of a recipe; the grid is every (init, dc) pair."""
+
+    dc: tuple[str, ...] = setting(("8", "16", "32", "64"), "Latent widths of the grid, each as convert's --dc (repeat the option).")
+    init: tuple[str, ...] = setting(("svd", "random"), "Initialisations of the grid: svd, asvd, random (repeat the option).")
+    rope_dim: int | None = setting(None, "Width of the shared rope key (default: a quarter of the head width).")
+    max_steps: int = setting(100, "Fine-tune steps of every cell of the grid.")
+    headline_steps: int = setting(500, "Fine-tune steps of the headline cell (0: no headline).")
+    headline_cache: float = setting(0.10, "Largest share of the dense cache the headline cell may keep.")
+    margin_db: float = 0.5  # the headline's target: within this of dense in every horizon bucket
+
+    def check(self) -> None:
+        from mlaconvert.recipes import parse_dc
+
+        unknown = sorted(set(self.init) - set(INITS))
+        if unknown:
+            raise MlaconvertError(f"--init {', '.join(unknown)}: choose from {', '.join(INITS)}")
+        if not self.dc or not self.init:
+            raise MlaconvertError("a study needs at least one --dc and one --init")
+        for dc in self.dc:
+            if parse_dc(dc) == "auto":
+                raise MlaconvertError("--dc auto has no place in a grid: give the widths")
+        if self.max_steps < 1 or self.headline_steps < 0 or not 0 < self.headline_cache <= 1:
+            raise MlaconvertError("--max-steps must be positive, --headline-steps at least 0 and --headline-cache in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Cell:
+    init: str
+    dc: str  # as convert's --dc takes it
+    steps: int
+    headline: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'headline-' if self.headline else ''}{self.init}-dc{self.dc.replace(',', '_')}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a cell needs, picklable for the processes of other GPUs."""
+
+    model: str
+    output: Path
+    study: StudySettings
+    finetune: FinetuneSettings
+    evaluation: EvalSettings
+    rope_dim: int
+
+
+def grid(settings: StudySettings) -> list[Cell]:
+    return [Cell(init, dc, settings.max_steps) for init in settings.init for dc in settings.dc]
+
+
+def study(
+    model: str,
+    output: str | Path,
+    settings: StudySettings = StudySettings(),
+    *,
+    finetune: FinetuneSettings | None = None,
+    evaluation: EvalSettings = EvalSettings(),
+    device: str | None = None,
+    force: bool = False,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or carry on) the study of `model` in `output` and write OUT/study.json and its pictures; returns
+    the study. `on_stage(cell, stage)` hears each stage as it starts."""
+    from mlaconvert.checkpoints.hub import load_source
+
+    settings.check()
+    evaluation.check()
+    config = load_source(model).config
+    if config.is_mla:
+        raise MlaconvertError(f"'{model}' is already an MLA model: a study starts from the dense one")
+    plan = Plan(model, Path(output), settings, finetune or FinetuneSettings(), evaluation,
+                settings.rope_dim if settings.rope_dim is not None else config.head_dim // 4)
+    _claim(plan, force)
+    notify = on_stage or (lambda _cell, _stage: None)
+    dense = _dense(plan, device, notify)
+    _run_cells(plan, grid(settings), device, notify)
+    result = assemble(plan, dense)
+    best = headline_candidate(result) if settings.headline_steps else None
+    if best is not None:
+        cell = Cell(best["init"], best["dc"], settings.headline_steps, headline=True)
+        run_cell(plan, cell, device, notify)
+        result = assemble(plan, dense)
+    publish(plan, result)
+    return result
+
+
+def _fingerprint(plan: Plan) -> dict[str, Any]:
+    """What decides the numbers: a study folder carries on only under the same."""
+    return json.loads(json.dumps({"model": plan.model, "study": dataclasses.asdict(plan.study), "rope_dim": plan.rope_dim,
+                                  "finetune": {k: v for k, v in dataclasses.asdict(plan.finetune).items() if k != "max_steps"},
+                                  "eval": dataclasses.asdict(plan.evaluation)}, default=str))
+
+
+def _claim(plan: Plan, force: bool) -> None:
+    """A fresh folder, or the same study's folder to carry on in; another study's only with force."""
+    import shutil
+
+    marker = plan.output / "settings.json"
+    if plan.output.exists() and marker.is_file():
+        if json.loads(marker.read_text()) == _fingerprint(plan) and not force:
+            return
+        if not force:
+            raise MlaconvertError(f"'{plan.output}' holds a study with other settings: pass --force to start over, or another -o")
+    check_writable(plan.output, force)
+    if plan.output.exists():
+        shutil.rmtree(plan.output)
+    plan.output.mkdir(parents=True)
+    write_json(marker, _fingerprint(plan))
+
+
+def _evaluate(source: str, folder: Path, plan: Plan, device: str | None, notify: Callable[[], None]) -> dict[str, Any]:
+    """eval of `source` into `folder` (kept when done), with the strip clips' frames beside it for the study's own strip."""
+    if not (folder / "eval.json").is_file():
+        notify()
+        result = eval_source(source, settings=plan.evaluation, device=device)
+        write_eval(result, folder, force=True)
+        save_file({k: v.to(torch.float16).contiguous() for k, v in result.strip.items()}, str(folder / STRIP_TENSORS))
+    return json.loads((folder / "eval.json").read_text())
+
+
+def _dense(plan: Plan, device: str | None, notify: Callable[[str, str], None]) -> dict[str, Any]:
+    """The reference row: the dense model against the truth, and its spectra (the first claim)."""
+    from mlaconvert.checkpoints.hub import load_source
+    from mlaconvert.conversion.rank import build_report
+
+    report = _evaluate(plan.model, plan.output / "dense", plan, device, lambda: notify("dense", "eval"))
+    checkpoint = load_source(plan.model)
+    spectra = build_report(checkpoint.config, checkpoint.state_dict, source_info=checkpoint.info)
+    return {
+        "horizons": report["horizons"],
+        "count_kept": _count_kept(report),
+        "eval": "dense/eval.json",
+        "device": report["device"],
+        "effective_rank": [layer["kv"]["effective_rank"] for layer in spectra["layers"]],
+        "rank_budget": [layer["kv"]["rank_budget"] for layer in spectra["layers"]],
+        "energy": spectra["energy"],
+        "values_per_token": checkpoint.config.kv_values_per_token() * checkpoint.config.num_layers,
+    }
+
+
+def _count_kept(report: dict[str, Any]) -> list[float] | None:
+    """Per horizon bucket, the share of frames in which every ball of the caption is found (world clips only)."""
+    health = report.get("health")
+    return None if not health else [h["count_kept"] for h in health["model"]["horizons"]]
+
+
+def _run_cells(plan: Plan, cells: list[Cell], device: str | None, notify: Callable[[str, str], None]) -> None:
+    """The cells not done yet: here, or shared among one process per visible GPU."""
+    todo = [c for c in cells if not (plan.output / "cells" / c.name / "cell.json").is_file()]
+    gpus = torch.cuda.device_count() if device in (None, "cuda") and torch.cuda.is_available() else 0
+    if gpus < 2 or len(todo) < 2:
+        for cell in todo:
+            run_cell(plan, cell, device, notify)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(plan, todo[i::gpus], f"cuda:{i}")) for i in range(min(gpus, len(todo)))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    failed = [c.name for c in todo if not (plan.output / "cells" / c.name / "cell.json").is_file()]
+    if failed:
+        raise MlaconvertError(f"cells {', '.join(failed)} did not finish (their GPU processes failed, see above); run the study again to carry on")
+
+
+def _worker(plan: Plan, cells: list[Cell], device: str) -> None:
+    for cell in cells:
+        run_cell(plan, cell, device, lambda _cell, _stage: None)
+
+
+def run_cell(plan: Plan, cell: Cell, device: str | None, notify: Callable[[str, str], None]) -> dict[str, Any]:
+    """Convert, evaluate, fine-tune, evaluate; each stage kept when done, the cell's record written last."""
+    from mlaconvert.conversion.convert import convert_source
+    from mlaconvert.training.finetune import finetune
+
+    folder = plan.output / "cells" / cell.name
+    done = folder / "cell.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    export, tuned = folder / "mla", folder / "finetuned"
+    if cell.headline:
+        _reuse_grid_conversion(plan, cell, folder)
+    if not (export / "config.json").is_file():
+        notify(cell.name, "convert")
+        convert_source(plan.model, export, _convert_settings(plan, cell), device=device, force=True)
+    before = _evaluate(str(export), folder / "before", plan, device, lambda: notify(cell.name, "eval before fine-tuning"))
+    if not (tuned / "config.json").is_file():
+        notify(cell.name, f"finetune {cell.steps} steps")
+        resume = (tuned / "checkpoint" / "state.pt").is_file()
+        finetune(str(export), tuned, dataclasses.replace(plan.finetune, max_steps=cell.steps), teacher=plan.model,
+                 device=device, resume=resume, force=not resume)
+    after = _evaluate(str(tuned), folder / "after", plan, device, lambda: notify(cell.name, "eval after fine-tuning"))
+    record = cell_record(cell, folder, before, after)
+    write_json(done, record)
+    return record
+
+
+def _reuse_grid_conversion(plan: Plan, cell: Cell, folder: Path) -> None:
+    """The headline converts as its grid cell did: that cell's export and first eval serve it too."""
+    import shutil
+
+    grid_folder = plan.output / "cells" / dataclasses.replace(cell, headline=False).name
+    for stage in ("mla", "before"):
+        if (grid_folder / stage).is_dir() and not (folder / stage).exists():
+            partial = folder / f".{stage}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(grid_folder / stage, partial)
+            partial.rename(folder / stage)
+
+
+def _convert_settings(plan: Plan, cell: Cell) -> ConvertSettings:
+    from mlaconvert.recipes import parse_dc
+
+    return ConvertSettings(dc=parse_dc(cell.dc), rope_dim=plan.rope_dim, init=cell.init)
+
+
+def cell_record(cell: Cell, folder: Path, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One row of study.json: what the cell keeps (cache), what truncation predicted, what was measured."""
+    converted = json.loads((folder / "mla" / "rank_report.json").read_text())
+    tuned = json.loads((folder / "finetuned" / "rank_report.json").read_text())
+    log = [json.loads(line) for line in (folder / "finetuned" / "train_log.jsonl").read_text().splitlines()]
+    cache, ft = converted["cache"], tuned["finetune"]
+    layers = converted["layers"]
+    return {
+        "init": cell.init,
+        "dc": cell.dc,
+        "rope_dim": converted["cache"]["rope_dim"],
+        "values_per_token": cache["mla_values_per_token_all_layers"],
+        "cache_fraction": cache["mla_values_per_token_all_layers"] / cache["dense_values_per_token_all_layers"],
+        "spectral_error_at_dc": [layer["mla"]["spectral_prediction"]["spectral_error_at_dc"] for layer in layers],
+        "attn_error": [layer["mla"].get("measured", {}).get("attn_error") for layer in layers],
+        "latent_utilisation": {
+            "before": [u["latents"]["utilisation"] for u in ft["before"]["utilisation"]],
+            "after": [u["latents"]["utilisation"] for u in ft["after"]["utilisation"]],
+        },
+        "agreement": {stage: {k: ft[stage]["agreement"][k] for k in ("flow_relative_error_mean", "rollout_psnr_db_mean")}
+                      for stage in ("before", "after")},
+        "finetune_steps": ft["steps"],
+        "finetune_seconds": sum(r["seconds"] for r in log if "seconds" in r),
+        "finetune_device": ft["device"],
+        "before": {"horizons": before["horizons"], "count_kept": _count_kept(before)},
+        "after": {"horizons": after["horizons"], "count_kept": _count_kept(after)},
+        "folder": f"cells/{cell.name}",
+    }
+
+
+def assemble(plan: Plan, dense: dict[str, Any]) -> dict[str, Any]:
+    """study.json from the dense row and every finished cell, in grid order, the headline apart."""
+    cells = [json.loads((plan.output / "cells" / c.name / "cell.json").read_text()) for c in grid(plan.study)]
+    headline = sorted((plan.output / "cells").glob("headline-*/cell.json"))
+    return {
+        "schema": SCHEMA,
+        "model": plan.model,
+        "device": dense["device"],
+        "settings": _fingerprint(plan),
+        "dense": dense,
+        "cells": cells,
+        "headline": _headline(json.loads(headline[0].read_text()), dense, plan.study) if headline else None,
+    }
+
+
+def gaps_db(cell: dict[str, Any], dense: dict[str, Any]) -> list[float]:
+    """Per horizon bucket, how far below dense the cell's fine-tuned model lies (negative: above it)."""
+    return [d["psnr_db"] - c["psnr_db"] for d, c in zip(dense["horizons"], cell["after"]["horizons"], strict=True)]
+
+
+def headline_candidate(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell within the headline's cache whose worst bucket lies closest to dense."""
+    cap = result["settings"]["study"]["headline_cache"]
+    fits = [c for c in result["cells"] if c["cache_fraction"] <= cap]
+    return min(fits, key=lambda c: max(gaps_db(c, result["dense"])), default=None)
+
+
+def _headline(cell: dict[str, Any], dense: dict[str, Any], settings: StudySettings) -> dict[str, Any]:
+    gaps = gaps_db(cell, dense)
+    return {**cell, "gaps_db": gaps, "target_db": settings.margin_db, "reached": max(gaps) <= settings.margin_db}
+
+
+def publish(plan: Plan, result: dict[str, Any]) -> None:
+    """study.json, study.png, strip.png and (with imageio-ffmpeg) strip.mp4, each written atomically."""
+    import importlib.util
+
+    from mlaconvert.evaluation.study_report import plot_study, write_study_strip, write_study_video
+
+    result["video"] = "strip.mp4" if importlib.util.find_spec("imageio_ffmpeg") else None
+    write_json(plan.output / "study.json", result)
+    with atomic_file(plan.output / "study.png") as tmp:
+        plot_study(result, tmp)
+    with atomic_file(plan.output / "strip.png") as tmp:
+        write_study_strip(plan.output, result, tmp)
+    if result["video"]:
+        write_study_video(plan.output, result, plan.output / result["video"])

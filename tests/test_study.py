@@ -1,0 +1,159 @@
+"""`study`: a grid of (init, dc) cells on a world model, each converted, evaluated, fine-tuned and evaluated again."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.checkpoints.formats import save_native
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.evaluation import world
+from mlaconvert.evaluation.evaluate import EvalSettings, run_eval
+from mlaconvert.evaluation.study import StudySettings, gaps_db, headline_candidate, study
+from mlaconvert.modeling.config import SamplerDefaults, WanConfig
+from mlaconvert.training.finetune import FinetuneSettings
+
+EVAL = EvalSettings(clips=2, frames=6, batch=2, edges=(6, 9), agreement_clips=1, strip_clips=1)
+FINETUNE = FinetuneSettings(batch=1, clips=3, held_out=1, frames=6, warmup=1, checkpoint_every=1, eval_every=10)
+GRID = StudySettings(dc=("4", "8"), init=("svd",), rope_dim=8, max_steps=2, headline_steps=3, headline_cache=0.4)
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    config = WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, in_dim=3, out_dim=3, text_dim=32, text_len=16,
+                       freq_dim=16, vae_stride=(1, 1, 1), text_encoder="captions",
+                       world=world.WorldSettings(size=16, max_radius=3.0),
+                       sampler=SamplerDefaults(steps=2, shift=1.0, chunk=3, window=9))
+    folder = tmp_path_factory.mktemp("world") / "model"
+    save_native(config, make_tiny_wan(0, config), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def finished(world_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "study"
+    stages = []
+    result = study(world_model, out, GRID, finetune=FINETUNE, evaluation=EVAL, device="cpu",
+                   on_stage=lambda cell, stage: stages.append((cell, stage)))
+    return out, result, stages
+
+
+def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
+    out, result, _ = finished
+    saved = json.loads((out / "study.json").read_text())
+    assert saved == json.loads(json.dumps(result)) and saved["schema"] == "mlaconvert.study/1"
+    assert [(c["init"], c["dc"]) for c in saved["cells"]] == [("svd", "4"), ("svd", "8")]
+    buckets = [h["frames"] for h in saved["dense"]["horizons"]]
+    assert buckets == [[3, 6], [6, 9]]
+    for cell in saved["cells"]:
+        assert [h["frames"] for h in cell["before"]["horizons"]] == buckets == [h["frames"] for h in cell["after"]["horizons"]]
+        assert cell["finetune_steps"] == 2 and cell["finetune_seconds"] > 0
+        # Cache: (dc + rope_dim) values per token and layer against dense's 2 * dim.
+        assert cell["cache_fraction"] == pytest.approx((int(cell["dc"]) + 8) / (2 * 48))
+        assert len(cell["latent_utilisation"]["after"]) == 2 and len(cell["spectral_error_at_dc"]) == 2
+    assert saved["dense"]["effective_rank"] and len(saved["dense"]["rank_budget"]) == 2
+    headline = saved["headline"]
+    assert headline["finetune_steps"] == 3 and headline["cache_fraction"] <= 0.4
+    assert headline["reached"] == (max(headline["gaps_db"]) <= 0.5)
+    assert (headline["init"], headline["dc"]) == (headline_candidate(saved)["init"], headline_candidate(saved)["dc"])
+    for name in ("study.png", "strip.png", "settings.json"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_the_cells_numbers_are_what_eval_reports_for_the_same_export(finished, tmp_path):
+    out, result, _ = finished
+    cell = result["cells"][1]
+    report = run_eval(str(out / cell["folder"] / "finetuned"), tmp_path / "eval", settings=EVAL, device="cpu")
+    assert report["horizons"] == cell["after"]["horizons"]
+    dense = run_eval(result["model"], tmp_path / "dense", settings=EVAL, device="cpu")
+    assert dense["horizons"] == result["dense"]["horizons"]
+    assert gaps_db(cell, result["dense"]) == [d["psnr_db"] - c["psnr_db"] for d, c in zip(dense["horizons"], report["horizons"])]
+
+
+def test_a_killed_study_carries_on_without_redoing_finished_cells(world_model, finished, tmp_path, monkeypatch):
+    out, _, stages = finished
+    assert ("svd-dc4", "convert") in stages and ("dense", "eval") in stages
+    # The same study again: every cell is done, nothing runs.
+    again = []
+    study(world_model, out, GRID, finetune=FINETUNE, evaluation=EVAL, device="cpu", on_stage=lambda c, s: again.append((c, s)))
+    assert again == []
+    # A study killed in its second cell's fine-tune: the first cell is kept, the second's export and checkpoint too.
+    from mlaconvert.training import finetune as finetune_module
+
+    partial = tmp_path / "partial"
+    original = finetune_module.finetune
+
+    def killed(model, output, settings, **kwargs):
+        if "dc8" in str(output):
+            original(model, output, settings, stop_after=1, **kwargs)
+            raise KeyboardInterrupt
+        return original(model, output, settings, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "finetune", killed)
+    small = StudySettings(dc=GRID.dc, init=GRID.init, rope_dim=8, max_steps=2, headline_steps=0)
+    with pytest.raises(KeyboardInterrupt):
+        study(world_model, partial, small, finetune=FINETUNE, evaluation=EVAL, device="cpu")
+    assert (partial / "cells" / "svd-dc4" / "cell.json").is_file() and not (partial / "cells" / "svd-dc8" / "cell.json").exists()
+    monkeypatch.setattr(finetune_module, "finetune", original)
+    resumed = []
+    result = study(world_model, partial, small, finetune=FINETUNE, evaluation=EVAL, device="cpu", on_stage=lambda c, s: resumed.append((c, s)))
+    assert [s for s in resumed if s[0] == "svd-dc4"] == []  # finished: not redone
+    assert ("svd-dc8", "convert") not in resumed and ("svd-dc8", "finetune 2 steps") in resumed
+    log = [json.loads(line) for line in (partial / "cells" / "svd-dc8" / "finetuned" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]  # resumed after step 1, not started over
+    assert result["headline"] is None and len(result["cells"]) == 2 and all(math.isfinite(h["psnr_db"]) for h in result["cells"][1]["after"]["horizons"])
+
+
+def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path):
+    with pytest.raises(MlaconvertError, match="choose from"):
+        study(world_model, tmp_path / "a", StudySettings(init=("svd", "pca")), device="cpu")
+    with pytest.raises(MlaconvertError, match="auto"):
+        study(world_model, tmp_path / "b", StudySettings(dc=("auto",)), device="cpu")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "settings.json").write_text('{"model": "another"}')
+    with pytest.raises(MlaconvertError, match="other settings"):
+        study(world_model, tmp_path / "c", GRID, finetune=FINETUNE, evaluation=EVAL, device="cpu")
+    with pytest.raises(MlaconvertError, match="already an MLA model"):
+        study(str(finished[0] / "cells" / "svd-dc4" / "mla"), tmp_path / "d", GRID, device="cpu")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+RECIPE = """
+[study]
+dc = ["4", "8"]
+init = ["svd"]
+rope_dim = 8
+max_steps = 2
+headline_steps = 3
+headline_cache = 0.4
+[finetune]
+batch = 1
+clips = 3
+held_out = 1
+frames = 6
+warmup = 1
+checkpoint_every = 1
+eval_every = 10
+[eval]
+clips = 2
+frames = 6
+batch = 2
+edges = [6, 9]
+agreement_clips = 1
+strip_clips = 1
+"""
+
+
+def test_the_command_reads_the_recipe_carries_on_and_prints_the_table(cli, finished, tmp_path):
+    out, result, _ = finished
+    (tmp_path / "study.toml").write_text(f'source = "{result["model"]}"\n{RECIPE}')
+    r = cli("study", "--recipe", str(tmp_path / "study.toml"), "-o", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert ": convert" not in r.stdout and "svd dc 8, 2 steps" in r.stdout and "headline" in r.stdout  # nothing redone
+    r = cli("study", "--recipe", str(tmp_path / "study.toml"), "-o", str(out), "--max-steps", "3", "--device", "cpu")
+    assert r.returncode == 1 and "other settings" in r.stderr and "Traceback" not in r.stderr
+    r = cli("study", "--recipe", str(tmp_path / "study.toml"), "--init", "pca", "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and "choose from" in r.stderr
