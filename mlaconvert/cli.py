@@ -278,7 +278,7 @@ def study(
     model: str = typer.Argument(None, help="The dense model to study (any SOURCE form; default: the recipe's source)."),
     output: Path = typer.Option(Path("study"), "-o", "--output", help="Folder for study.json, study.png, strip.png and every cell."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name) with \\[study], \\[finetune] and \\[eval] tables, e.g. bouncing-balls-study; the options given override it."),
-    grid: dict[str, Any] = options(StudySettings, "dc", "init", "rope_dim", "max_steps", "headline_steps", "headline_cache"),
+    grid: dict[str, Any] = options(StudySettings, "dc", "init", "rope_dim", "max_steps", "headline_steps", "headline_cache", "workers"),
     evaluation: dict[str, Any] = options(EvalSettings, "clips", "frames", "batch"),
     device: Device = None,
     force: bool = typer.Option(False, "--force", help="Start over in a folder that holds another study."),

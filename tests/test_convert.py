@@ -293,6 +293,40 @@ def test_calibration_second_moment_is_the_mean_over_every_recorded_token(tiny):
         np.testing.assert_allclose(moment.numpy(), aug.T @ aug / calib.description["tokens"], rtol=1e-6, atol=1e-9)
 
 
+def test_calibration_on_clips_noises_them_as_flow_matching_does(tiny):
+    from mlaconvert.conversion.calibration import calibrate, recording_forwards
+    from mlaconvert.modeling.model import load_model
+
+    model = load_model(tiny.config, tiny.state_dict).eval()
+    gen = torch.Generator().manual_seed(1)
+    video = torch.randn(2, tiny.config.in_dim, 2, 8, 8, generator=gen)
+    text = torch.randn(2, tiny.config.text_len, tiny.config.text_dim, generator=gen)
+    seen = []
+    with torch.no_grad(), recording_forwards([model.blocks[0].self_attn], lambda _i, args, _y: seen.append(args[0])):
+        model(video, torch.zeros(2), text)  # t = 0: the clean clips themselves
+    clean = calibrate(model, timesteps=(0.0,), clips=(video, text), keep_samples=1)
+    torch.testing.assert_close(clean.samples[0][0][0], seen[0][:1].float())
+    assert clean.description["tokens"] == 2 * 2 * 8 * 8 // 4 and clean.description["latent_shape"] == [tiny.config.in_dim, 2, 8, 8]
+    # t = 1000: pure noise of the same seed whatever the clips, with their text still.
+    noise_only = [calibrate(model, timesteps=(1000.0,), clips=(v, text)).second_moments[0] for v in (video, torch.zeros_like(video))]
+    torch.testing.assert_close(noise_only[0], noise_only[1])
+
+
+def test_a_world_model_is_calibrated_on_clips_of_its_world_at_its_own_timesteps():
+    from mlaconvert.checkpoints.builtin import make_tiny_wan
+    from mlaconvert.checkpoints.formats import Checkpoint
+    from mlaconvert.evaluation import world
+    from mlaconvert.modeling.config import SamplerDefaults
+
+    config = WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, in_dim=3, out_dim=3, text_dim=32, text_len=16, freq_dim=16,
+                       vae_stride=(1, 1, 1), text_encoder="captions", world=world.WorldSettings(size=16, max_radius=3.0),
+                       sampler=SamplerDefaults(steps=3, shift=1.0, chunk=3, window=9))
+    checkpoint = Checkpoint(config, make_tiny_wan(0, config), "mlaconvert", [])
+    conv = convert_model(checkpoint, ConvertSettings(dc=8, rope_dim=8, init="asvd"))
+    assert "clips" in conv.calibration["inputs"] and conv.calibration["latent_shape"] == [3, 3, 16, 16]
+    assert conv.calibration["timesteps"] == pytest.approx([1000.0, 2000.0 / 3, 1000.0 / 3])  # its 3 steps, unshifted
+
+
 def test_recording_forwards_sees_each_module_and_stops_on_leaving():
     from mlaconvert.conversion.calibration import recording_forwards
 

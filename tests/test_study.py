@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -61,6 +62,12 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
     assert (headline["init"], headline["dc"]) == (headline_candidate(saved)["init"], headline_candidate(saved)["dc"])
     for name in ("study.png", "strip.png", "settings.json"):
         assert (out / name).stat().st_size > 0
+    tables = (out / "study.md").read_text()
+    for row in [*saved["cells"], headline]:
+        after = " | ".join(f"{h['psnr_db']:.2f}" for h in row["after"]["horizons"])
+        assert f"| {row['init']} dc {row['dc']} |" in tables and after in tables
+    assert " | ".join(f"{h['psnr_db']:.2f}" for h in saved["dense"]["horizons"]) in tables
+    assert ("**reached**" if headline["reached"] else "**not reached**") in tables
 
 
 def test_the_cells_numbers_are_what_eval_reports_for_the_same_export(finished, tmp_path):
@@ -105,6 +112,23 @@ def test_a_killed_study_carries_on_without_redoing_finished_cells(world_model, f
     log = [json.loads(line) for line in (partial / "cells" / "svd-dc8" / "finetuned" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]  # resumed after step 1, not started over
     assert result["headline"] is None and len(result["cells"]) == 2 and all(math.isfinite(h["psnr_db"]) for h in result["cells"][1]["after"]["horizons"])
+
+
+def test_cells_shared_among_worker_processes_are_the_cells_of_one_process(world_model, finished, tmp_path):
+    out, result, _ = finished
+    shared = dataclasses.replace(GRID, headline_steps=0, workers=2)
+    stages = []
+    parallel = study(world_model, tmp_path / "shared", shared, finetune=FINETUNE, evaluation=EVAL, device="cpu",
+                     on_stage=lambda c, s: stages.append((c, s)))
+    assert [c for c, _ in stages] == ["dense"]  # the cells ran in the two worker processes, not here
+    for one, two in zip(result["cells"], parallel["cells"], strict=True):
+        for stage in ("before", "after"):
+            assert [h["psnr_db"] for h in two[stage]["horizons"]] == pytest.approx([h["psnr_db"] for h in one[stage]["horizons"]], abs=1e-3)
+    # How many processes ran it is not part of the study: the same folder carries on with one.
+    again = []
+    study(world_model, tmp_path / "shared", dataclasses.replace(shared, workers=1), finetune=FINETUNE, evaluation=EVAL,
+          device="cpu", on_stage=lambda c, s: again.append((c, s)))
+    assert again == []
 
 
 def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path):

@@ -3,12 +3,13 @@
 asvd needs the second moment of every layer's attention input; the rank report needs real tokens to measure
 the K/V/attention error of a conversion. With no data given, the inputs are seeded random latents at the
 sampler's timesteps with seeded random text embeddings — the report says so, since real prompts and clips
-give more faithful statistics.
+give more faithful statistics. A model of the built-in world is calibrated on clips of its world.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,13 +77,16 @@ def calibrate(
     seed: int = 0,
     keep_samples: int = 2,
     text: torch.Tensor | None = None,
+    clips: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Calibration:
-    """Run `model` on seeded random latents (frames x height x width, in latent pixels) at each timestep."""
+    """Run `model` at each timestep on seeded random latents (frames x height x width, in latent pixels), or,
+    given `clips` (clean latents (N, C, F, h, w) and their text (N, L, D)), on those clips noised to it as
+    flow matching does: what the model meets when it samples."""
     cfg = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     gen = torch.Generator().manual_seed(seed)
-    if text is None:
+    if text is None and clips is None:
         text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen)
     n = len(model.blocks)
     moments = [torch.zeros(cfg.dim + 1, cfg.dim + 1, dtype=torch.float64) for _ in range(n)]
@@ -99,15 +103,22 @@ def calibrate(
 
     with recording_forwards([block.self_attn for block in model.blocks], record):
         for t in timesteps:
-            latents = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen)
-            model(latents.to(device, dtype), torch.tensor([t], device=device), text.to(device, dtype))
-            count += frames * height * width // (cfg.patch_size[1] * cfg.patch_size[2] * cfg.patch_size[0])
+            if clips is None:
+                latents = torch.randn(1, cfg.in_dim, frames, height, width, generator=gen)
+            else:
+                sigma = t / 1000.0
+                latents = (1 - sigma) * clips[0] + sigma * torch.randn(clips[0].shape, generator=gen)
+                text = clips[1]
+            model(latents.to(device, dtype), torch.full((latents.shape[0],), float(t), device=device), text.to(device, dtype))
+            count += latents[0, 0].numel() * latents.shape[0] // math.prod(cfg.patch_size)
+    shape = [cfg.in_dim, frames, height, width] if clips is None else list(clips[0].shape[1:])
     return Calibration(
         second_moments=[m / count for m in moments],
         samples=samples,
         description={
-            "inputs": "seeded random latents and random text embeddings (no data given)",
-            "latent_shape": [cfg.in_dim, frames, height, width],
+            "inputs": "seeded random latents and random text embeddings (no data given)" if clips is None
+            else f"{clips[0].shape[0]} clips noised at each timestep, with their text",
+            "latent_shape": shape,
             "timesteps": list(timesteps),
             "seed": seed,
             "tokens": count,

@@ -25,7 +25,9 @@ from mlaconvert.conversion.calibration import Calibration, calibrate, check_fits
 from mlaconvert.conversion.factorize import LayerFactors, factorize_layer
 from mlaconvert.conversion.spectra import mla_utilisation, truncation_at
 from mlaconvert.errors import MlaconvertError
+from mlaconvert.evaluation import world
 from mlaconvert.fields import setting
+from mlaconvert.inference.sampling import SamplerSettings, warp_timesteps
 from mlaconvert.modeling.config import MLAConfig, WanConfig
 from mlaconvert.modeling.model import DenseSelfAttention, LatentSelfAttention, load_model
 from mlaconvert.modeling.rope import AXES, rope_quota
@@ -44,6 +46,7 @@ class ConvertSettings:
     energy: float = setting(0.99, "Energy that defines effective ranks, and dc for --dc auto.")
     measure: bool = setting(True, "Calibration pass measuring K/V/attention error (always done for asvd).")
     calib_frames: int = 3
+    calib_clips: int = 4  # world models only: clips of the world calibrated on
     calib_height: int = 16
     calib_width: int = 16
 
@@ -132,10 +135,21 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
 def _calibrate(checkpoint: Checkpoint, settings: ConvertSettings, device: torch.device, notify: Callable[[str, int, int], None]) -> Calibration:
     check_fits(sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values()), device)
     notify("calibration", 0, 1)
-    dense = load_model(checkpoint.config, checkpoint.state_dict, device=device).eval()
-    calib = calibrate(dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed)
+    config = checkpoint.config
+    dense = load_model(config, checkpoint.state_dict, device=device).eval()
+    sampler = SamplerSettings.for_model(config)
+    calib = calibrate(dense, frames=settings.calib_frames, height=settings.calib_height, width=settings.calib_width, seed=settings.seed,
+                      timesteps=tuple(warp_timesteps(sampler.timesteps, sampler.shift)), clips=_world_clips(config, settings))
     notify("calibration", 1, 1)
     return calib
+
+
+def _world_clips(config: WanConfig, settings: ConvertSettings) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A model of the built-in world is calibrated on clips of its world (with their captions), not on noise."""
+    if config.world is None:
+        return None
+    video, captions, _ = world.clips(settings.calib_clips, settings.calib_frames, settings.seed, config.world)
+    return video, world.embed_captions(captions, config.text_len, config.text_dim)
 
 
 def _factorize_layers(

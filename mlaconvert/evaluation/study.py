@@ -6,13 +6,14 @@ The headline cell re-runs the most promising cell whose cache is at most `headli
 fine-tune, and says whether it came within `margin_db` of dense in every horizon bucket.
 
     OUT/study.json                 schema mlaconvert.study/1: settings, the dense row, the cells, the headline
+    OUT/study.md                   the four claims and the headline as tables
     OUT/study.png, OUT/strip.png   the claims, and truth | dense | MLA cells after their fine-tune
     OUT/dense/                     the dense eval (eval.json, eval.png, strip.png, strip.safetensors)
     OUT/cells/INIT-dcDC/           mla/ (the export), before/, finetuned/ (run and export), after/, cell.json
 
 A cell is done when its cell.json exists; every stage inside it is kept when finished, and an interrupted
 fine-tune resumes from its checkpoint, so running the same study again carries on where it stopped. With
-several GPUs visible the cells are shared among one process per GPU.
+several GPUs visible, or `workers` above one, the cells are shared among that many processes per device.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class StudySettings:
     max_steps: int = setting(100, "Fine-tune steps of every cell of the grid.")
     headline_steps: int = setting(500, "Fine-tune steps of the headline cell (0: no headline).")
     headline_cache: float = setting(0.10, "Largest share of the dense cache the headline cell may keep.")
+    workers: int = setting(1, "Cells run at once on each device (a small model leaves a GPU mostly idle).")
     margin_db: float = 0.5  # the headline's target: within this of dense in every horizon bucket
 
     def check(self) -> None:
@@ -61,8 +63,8 @@ class StudySettings:
         for dc in self.dc:
             if parse_dc(dc) == "auto":
                 raise MlaconvertError("--dc auto has no place in a grid: give the widths")
-        if self.max_steps < 1 or self.headline_steps < 0 or not 0 < self.headline_cache <= 1:
-            raise MlaconvertError("--max-steps must be positive, --headline-steps at least 0 and --headline-cache in (0, 1]")
+        if self.max_steps < 1 or self.workers < 1 or self.headline_steps < 0 or not 0 < self.headline_cache <= 1:
+            raise MlaconvertError("--max-steps and --workers must be positive, --headline-steps at least 0 and --headline-cache in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def study(
 
 def _fingerprint(plan: Plan) -> dict[str, Any]:
     """What decides the numbers: a study folder carries on only under the same."""
-    return json.loads(json.dumps({"model": plan.model, "study": dataclasses.asdict(plan.study), "rope_dim": plan.rope_dim,
+    grid_settings = {k: v for k, v in dataclasses.asdict(plan.study).items() if k != "workers"}
+    return json.loads(json.dumps({"model": plan.model, "study": grid_settings, "rope_dim": plan.rope_dim,
                                   "finetune": {k: v for k, v in dataclasses.asdict(plan.finetune).items() if k != "max_steps"},
                                   "eval": dataclasses.asdict(plan.evaluation)}, default=str))
 
@@ -174,6 +177,7 @@ def _dense(plan: Plan, device: str | None, notify: Callable[[str, str], None]) -
     return {
         "horizons": report["horizons"],
         "count_kept": _count_kept(report),
+        "prefix_frames": report["prefix_frames"],
         "eval": "dense/eval.json",
         "device": report["device"],
         "effective_rank": [layer["kv"]["effective_rank"] for layer in spectra["layers"]],
@@ -190,29 +194,41 @@ def _count_kept(report: dict[str, Any]) -> list[float] | None:
 
 
 def _run_cells(plan: Plan, cells: list[Cell], device: str | None, notify: Callable[[str, str], None]) -> None:
-    """The cells not done yet: here, or shared among one process per visible GPU."""
+    """The cells not done yet: here, or shared among `workers` processes per device (every visible GPU)."""
     todo = [c for c in cells if not (plan.output / "cells" / c.name / "cell.json").is_file()]
-    gpus = torch.cuda.device_count() if device in (None, "cuda") and torch.cuda.is_available() else 0
-    if gpus < 2 or len(todo) < 2:
+    slots = _slots(device, plan.study.workers)
+    if len(slots) < 2 or len(todo) < 2:
         for cell in todo:
             run_cell(plan, cell, device, notify)
         return
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(plan, todo[i::gpus], f"cuda:{i}")) for i in range(min(gpus, len(todo)))]
+    n = min(len(slots), len(todo))
+    workers = [context.Process(target=_worker, args=(plan, todo[i::n], slots[i], n)) for i in range(n)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
     failed = [c.name for c in todo if not (plan.output / "cells" / c.name / "cell.json").is_file()]
     if failed:
-        raise MlaconvertError(f"cells {', '.join(failed)} did not finish (their GPU processes failed, see above); run the study again to carry on")
+        raise MlaconvertError(f"cells {', '.join(failed)} did not finish (their processes failed, see above); run the study again to carry on")
 
 
-def _worker(plan: Plan, cells: list[Cell], device: str) -> None:
+def _slots(device: str | None, workers: int) -> list[str]:
+    """One device name per process: every visible GPU `workers` times, GPUs taking turns, or the one device asked for."""
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return [f"cuda:{i}" for _ in range(workers) for i in range(torch.cuda.device_count())]
+    return [device or "cpu"] * workers
+
+
+def _worker(plan: Plan, cells: list[Cell], device: str, processes: int) -> None:
+    import os
+
+    if device == "cpu":  # the processes share the cores rather than each taking them all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     for cell in cells:
-        run_cell(plan, cell, device, lambda _cell, _stage: None)
+        run_cell(plan, cell, device, lambda name, stage: print(f"[{device}] {name}: {stage}", flush=True))
 
 
 def run_cell(plan: Plan, cell: Cell, device: str | None, notify: Callable[[str, str], None]) -> dict[str, Any]:
@@ -324,13 +340,15 @@ def _headline(cell: dict[str, Any], dense: dict[str, Any], settings: StudySettin
 
 
 def publish(plan: Plan, result: dict[str, Any]) -> None:
-    """study.json, study.png, strip.png and (with imageio-ffmpeg) strip.mp4, each written atomically."""
+    """study.json, study.md, study.png, strip.png and (with imageio-ffmpeg) strip.mp4, each written atomically."""
     import importlib.util
 
-    from mlaconvert.evaluation.study_report import plot_study, write_study_strip, write_study_video
+    from mlaconvert.evaluation.study_report import plot_study, study_markdown, write_study_strip, write_study_video
 
     result["video"] = "strip.mp4" if importlib.util.find_spec("imageio_ffmpeg") else None
     write_json(plan.output / "study.json", result)
+    with atomic_file(plan.output / "study.md") as tmp:
+        tmp.write_text(study_markdown(result) + "\n")
     with atomic_file(plan.output / "study.png") as tmp:
         plot_study(result, tmp)
     with atomic_file(plan.output / "strip.png") as tmp:

@@ -1,4 +1,5 @@
-"""The study's pictures: the four claims in one figure, and truth | dense | MLA side by side (strip and video)."""
+"""The study's report: the four claims as tables (study.md) and in one figure, and truth | dense | MLA side by
+side (strip and video)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,81 @@ def write_study_video(output: Path, result: dict[str, Any], path: Path, fps: flo
         for clip in range(next(iter(videos.values())).shape[0]):
             tiles = [v[clip, :3].repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3) for v in videos.values()]
             mp4.write(torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=3))
+
+
+def _buckets(horizons: list[dict[str, Any]]) -> list[str]:
+    return [f"[{h['frames'][0]}, {h['frames'][1]})" for h in horizons]
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    return [_row(*head), _row(*("---:" for _ in head)), *(_row(*r) for r in rows), ""]
+
+
+def _psnr(horizons: list[dict[str, Any]]) -> list[str]:
+    return [f"{h['psnr_db']:.2f}" for h in horizons]
+
+
+def _kept(kept: list[float] | None) -> str:
+    return "–" if not kept else " / ".join(f"{k:.2f}" for k in kept)
+
+
+def study_markdown(result: dict[str, Any]) -> str:
+    """The four claims and the headline as markdown tables, every figure from study.json."""
+    dense, cells = result["dense"], result["cells"]
+    buckets = _buckets(dense["horizons"])
+    lines = [f"Study of `{result['model']}` on {result['device']}: PSNR to the true continuation (dB) after a "
+             f"{dense['prefix_frames']}-frame prefix; balls kept: share of frames in which every ball "
+             "of the caption is found, per bucket.", ""]
+    lines += ["**1. Pretrained attention is not low-rank.** Per layer, the "
+              f"{dense['energy']:.0%}-energy effective rank of the joint [K; V] map beside its rank budget, and the "
+              "relative error that truncating it to dc predicts (Eckart–Young).", ""]
+    widths = sorted({c["dc"] for c in cells if c["init"] != "asvd"}, key=lambda d: sum(_widths(d)))
+    by_dc = {c["dc"]: c for c in cells if c["init"] != "asvd"}
+    lines += _table(["layer", "effective rank", "budget", *(f"error at dc {d}" for d in widths)],
+                    [[i, rank, budget, *(f"{by_dc[d]['spectral_error_at_dc'][i]:.2f}" for d in widths)]
+                     for i, (rank, budget) in enumerate(zip(dense["effective_rank"], dense["rank_budget"]))])
+    lines += ["**2. Quality kept where truncation predicts large error.** Per cell: cache, the mean predicted and "
+              "measured (attention output, on clips) errors, PSNR before fine-tuning in the first bucket, then after "
+              "it in every bucket, agreement with the dense teacher (rollout PSNR) and balls kept.", ""]
+    lines += _table(["cell", "cache", "predicted", "measured", f"before {buckets[0]}", *buckets, "teacher", "balls kept", "fine-tune"],
+                    [["dense", "100%", "–", "–", _psnr(dense["horizons"])[0], *_psnr(dense["horizons"]), "–", _kept(dense["count_kept"]), "–"],
+                     *([_label(c), f"{c['cache_fraction']:.1%}", f"{np.mean(c['spectral_error_at_dc']):.2f}", _measured(c),
+                        _psnr(c["before"]["horizons"])[0], *_psnr(c["after"]["horizons"]),
+                        f"{c['agreement']['after']['rollout_psnr_db_mean']:.1f}", _kept(c["after"]["count_kept"]),
+                        f"{c['finetune_steps']} steps, {c['finetune_seconds']:.0f} s"] for c in cells)])
+    lines += ["**3. The bottleneck, not the pretrained spectrum, sets the rank.** Effective rank / dc of the cached "
+              "latents c (mean over layers), before and after fine-tuning.", ""]
+    lines += _table(["cell", "before", "after"],
+                    [[_label(c), f"{np.mean(c['latent_utilisation']['before']):.2f}", f"{np.mean(c['latent_utilisation']['after']):.2f}"]
+                     for c in cells])
+    smallest = min(sum(_widths(c["dc"])) for c in cells)
+    lines += ["**4. Too small a dc loses detail.** The smallest dc beside dense, after fine-tuning (see strip.png).", ""]
+    lines += _table(["model", *buckets, "balls kept"],
+                    [["dense", *_psnr(dense["horizons"]), _kept(dense["count_kept"])],
+                     *([_label(c), *_psnr(c["after"]["horizons"]), _kept(c["after"]["count_kept"])]
+                       for c in cells if sum(_widths(c["dc"])) == smallest)])
+    return "\n".join([*lines, *_headline_lines(result)])
+
+
+def _measured(cell: dict[str, Any]) -> str:
+    errors = [e for e in cell["attn_error"] if e is not None]
+    return f"{np.mean(errors):.2f}" if errors else "–"
+
+
+def _headline_lines(result: dict[str, Any]) -> list[str]:
+    cell, dense = result.get("headline"), result["dense"]
+    if cell is None:
+        return ["**Headline.** Not run (no cell within the headline's cache, or headline_steps 0).", ""]
+    verdict = "reached" if cell["reached"] else "not reached"
+    lines = [f"**Headline.** {_label(cell)} ({cell['cache_fraction']:.1%} of the dense cache) after {cell['finetune_steps']} "
+             f"fine-tune steps ({cell['finetune_seconds']:.0f} s): within {cell['target_db']} dB of dense in every bucket: "
+             f"**{verdict}** (largest gap {max(cell['gaps_db']):.2f} dB).", ""]
+    lines += _table(["model", *_buckets(dense["horizons"]), "balls kept"],
+                    [["dense", *_psnr(dense["horizons"]), _kept(dense["count_kept"])],
+                     [_label(cell), *_psnr(cell["after"]["horizons"]), _kept(cell["after"]["count_kept"])],
+                     ["gap (dB)", *(f"{g:+.2f}" for g in cell["gaps_db"]), ""]])
+    return lines
