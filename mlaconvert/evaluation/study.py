@@ -37,6 +37,7 @@ from mlaconvert.training.finetune import FinetuneSettings
 
 SCHEMA = "mlaconvert.study/1"
 STRIP_TENSORS = "strip.safetensors"
+KEPT_TOLERANCE = 0.1  # a headline cell finds every ball in at most this share of frames fewer than dense
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,9 @@ def _slots(device: str | None, workers: int) -> list[str]:
 def _worker(plan: Plan, cells: list[Cell], device: str, processes: int) -> None:
     import os
 
-    if device == "cpu":  # the processes share the cores rather than each taking them all
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    # The processes share the cores: each taking them all for its CPU work (calibration, ball detection)
+    # oversubscribes them many times over, GPU cells included.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     for cell in cells:
         run_cell(plan, cell, device, lambda name, stage: print(f"[{device}] {name}: {stage}", flush=True))
 
@@ -327,16 +329,25 @@ def gaps_db(cell: dict[str, Any], dense: dict[str, Any]) -> list[float]:
     return [d["psnr_db"] - c["psnr_db"] for d, c in zip(dense["horizons"], cell["after"]["horizons"], strict=True)]
 
 
+def keeps_the_balls(cell: dict[str, Any], dense: dict[str, Any]) -> bool:
+    """Whether the fine-tuned cell finds the caption's balls about as often as dense in every bucket. PSNR alone
+    rewards a model that paints the background and drops the balls, so a headline must keep them too."""
+    kept, reference = cell["after"]["count_kept"], dense["count_kept"]
+    return kept is None or reference is None or all(k >= r - KEPT_TOLERANCE for k, r in zip(kept, reference, strict=True))
+
+
 def headline_candidate(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The cell within the headline's cache whose worst bucket lies closest to dense."""
-    cap = result["settings"]["study"]["headline_cache"]
+    """The cell within the headline's cache whose worst bucket lies closest to dense, among those that keep the
+    balls when any does."""
+    cap, dense = result["settings"]["study"]["headline_cache"], result["dense"]
     fits = [c for c in result["cells"] if c["cache_fraction"] <= cap]
-    return min(fits, key=lambda c: max(gaps_db(c, result["dense"])), default=None)
+    return min(fits, key=lambda c: (not keeps_the_balls(c, dense), max(gaps_db(c, dense))), default=None)
 
 
 def _headline(cell: dict[str, Any], dense: dict[str, Any], settings: StudySettings) -> dict[str, Any]:
-    gaps = gaps_db(cell, dense)
-    return {**cell, "gaps_db": gaps, "target_db": settings.margin_db, "reached": max(gaps) <= settings.margin_db}
+    gaps, kept = gaps_db(cell, dense), keeps_the_balls(cell, dense)
+    return {**cell, "gaps_db": gaps, "target_db": settings.margin_db, "keeps_the_balls": kept,
+            "kept_tolerance": KEPT_TOLERANCE, "reached": max(gaps) <= settings.margin_db and kept}
 
 
 def publish(plan: Plan, result: dict[str, Any]) -> None:
