@@ -314,6 +314,8 @@ def print_study(result: dict) -> None:
     """Per cell: cache, then PSNR after fine-tuning per horizon bucket beside dense; the headline's verdict."""
     from rich.table import Table
 
+    from mlaconvert.evaluation.study_report import headline_verdict
+
     dense = result["dense"]["horizons"]
     table = Table(title=f"{result['model']}: PSNR to the truth after fine-tuning (dB)")
     for column in ("cell", "cache", *(f"[{h['frames'][0]}, {h['frames'][1]})" for h in dense)):
@@ -325,9 +327,7 @@ def print_study(result: dict) -> None:
         table.add_row(name, f"{cell['cache_fraction']:.1%}", *(f"{h['psnr_db']:.2f}" for h in cell["after"]["horizons"]))
     out.print(table)
     for cell in headline:
-        verdict = "reached" if cell["reached"] else "not reached"
-        out.print(f"headline: within {cell['target_db']} dB of dense in every bucket: {verdict} "
-                  f"(largest gap {max(cell['gaps_db']):.2f} dB at {cell['cache_fraction']:.1%} of the cache)")
+        out.print(f"headline: {headline_verdict(cell)}")
 
 
 @app.command()

@@ -58,7 +58,8 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
     assert saved["dense"]["effective_rank"] and len(saved["dense"]["rank_budget"]) == 2
     headline = saved["headline"]
     assert headline["finetune_steps"] == 3 and headline["cache_fraction"] <= 0.4
-    assert headline["reached"] == (max(headline["gaps_db"]) <= 0.5)
+    kept = all(k >= d - 0.1 for k, d in zip(headline["after"]["count_kept"], saved["dense"]["count_kept"]))
+    assert headline["keeps_the_balls"] == kept and headline["reached"] == (max(headline["gaps_db"]) <= 0.5 and kept)
     assert (headline["init"], headline["dc"]) == (headline_candidate(saved)["init"], headline_candidate(saved)["dc"])
     for name in ("study.png", "strip.png", "settings.json"):
         assert (out / name).stat().st_size > 0
@@ -68,6 +69,32 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
         assert f"| {row['init']} dc {row['dc']} |" in tables and after in tables
     assert " | ".join(f"{h['psnr_db']:.2f}" for h in saved["dense"]["horizons"]) in tables
     assert ("**reached**" if headline["reached"] else "**not reached**") in tables
+
+
+def _row(init: str, psnr: list[float], kept: list[float], cache: float = 0.05) -> dict:
+    return {"init": init, "cache_fraction": cache, "after": {"horizons": [{"psnr_db": p} for p in psnr], "count_kept": kept}}
+
+
+def test_the_headline_candidate_keeps_the_balls_before_it_is_close_in_psnr():
+    # A blank rollout scores above dense in PSNR on small balls; the headline must find them as dense does.
+    dense = {"horizons": [{"psnr_db": 14.0}, {"psnr_db": 13.0}], "count_kept": [0.4, 0.3]}
+    blank = _row("svd", [13.9, 13.5], [0.0, 0.0])
+    keeps = _row("asvd", [13.0, 12.0], [0.35, 0.25])
+    too_big = _row("random", [14.0, 13.0], [0.4, 0.3], cache=0.2)
+    result = {"settings": {"study": {"headline_cache": 0.1}}, "dense": dense, "cells": [blank, keeps, too_big]}
+    assert headline_candidate(result) is keeps
+    result["cells"] = [blank, too_big]
+    assert headline_candidate(result) is blank  # none keeps them: the closest in PSNR, still within the cache
+    assert gaps_db(keeps, dense) == pytest.approx([1.0, 1.0])
+
+
+def test_the_strip_shows_the_smallest_dc_that_finds_the_balls_most_often():
+    from mlaconvert.evaluation.study_report import shown_cells
+
+    cells = [{**_row(init, psnr, kept), "dc": dc, "folder": f"cells/{init}-dc{dc}"}
+             for init, dc, psnr, kept in [("svd", "8", [13.7], [0.0]), ("asvd", "8", [13.0], [0.3]),
+                                          ("svd", "64", [14.2], [0.1]), ("asvd", "64", [13.5], [0.3])]]
+    assert [c["folder"] for c in shown_cells({"cells": cells, "headline": None})] == ["cells/asvd-dc8", "cells/asvd-dc64"]
 
 
 def test_the_cells_numbers_are_what_eval_reports_for_the_same_export(finished, tmp_path):

@@ -341,8 +341,10 @@ def write_strip(strip: dict[str, torch.Tensor], columns: list[int], path: Path) 
     for r, (_, tiles) in enumerate(rows):
         for c, tile in enumerate(tiles):
             image[r * (tile_h + gap) : r * (tile_h + gap) + tile_h, c * (tile_w + gap) : c * (tile_w + gap) + tile_w] = tile
-    # One image pixel per figure pixel at 100 dpi, with margins (inches) for the row and column labels.
-    width, height, left, bottom = image.shape[1] / 100, image.shape[0] / 100, 1.1, 0.4
+    # One image pixel per figure pixel at 100 dpi, with margins (inches) for the row labels (about 0.07 inch a
+    # character at 8 points) and the column labels.
+    width, height, bottom = image.shape[1] / 100, image.shape[0] / 100, 0.4
+    left = max(1.1, 0.2 + 0.07 * max(len(name) for name, _ in rows))
     fig = Figure(figsize=(width + left + 0.1, height + bottom + 0.1))
     ax = fig.add_axes((left / (width + left + 0.1), bottom / (height + bottom + 0.1), width / (width + left + 0.1), height / (height + bottom + 0.1)))
     ax.imshow(image, interpolation="nearest")
