@@ -135,7 +135,7 @@ def finetune(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): \\[finetune] settings; the options given override them."),
     overrides: dict[str, Any] = options(
-        FinetuneSettings, "max_steps", "batch", "accumulate", "lr", "warmup", "train", "layer_loss_weight", "clips", "frames",
+        FinetuneSettings, "max_steps", "batch", "accumulate", "lr", "warmup", "train", "layer_loss_weight", "own_context", "context_noise", "clips", "frames",
         "height", "width", "chunk", "sampler_steps", "sampler_timesteps", "shift", "checkpoint_every", "gradient_checkpointing",
         "seed", sampler_steps="--steps", sampler_timesteps="--timesteps", gradient_checkpointing="--checkpointing/--no-checkpointing",
     ),
@@ -314,20 +314,22 @@ def print_study(result: dict) -> None:
     """Per cell: cache, then PSNR after fine-tuning per horizon bucket beside dense; the headline's verdict."""
     from rich.table import Table
 
-    from mlaconvert.evaluation.study_report import headline_verdict
+    from mlaconvert.evaluation.study_report import headline_verdict, run_label
 
     dense = result["dense"]["horizons"]
     table = Table(title=f"{result['model']}: PSNR to the truth after fine-tuning (dB)")
     for column in ("cell", "cache", *(f"[{h['frames'][0]}, {h['frames'][1]})" for h in dense)):
         table.add_column(column, justify="right")
     table.add_row("dense", "100%", *(f"{h['psnr_db']:.2f}" for h in dense))
-    headline = [result["headline"]] if result.get("headline") else []
-    for cell in [*result["cells"], *headline]:
-        name = f"{'headline ' if cell in headline else ''}{cell['init']} dc {cell['dc']}, {cell['finetune_steps']} steps"
+    for cell in result["cells"]:
+        name = f"{cell['init']} dc {cell['dc']}, {cell['finetune_steps']} steps"
+        table.add_row(name, f"{cell['cache_fraction']:.1%}", *(f"{h['psnr_db']:.2f}" for h in cell["after"]["horizons"]))
+    for cell in result.get("headline_runs", []):
+        name = f"headline {cell['init']} dc {cell['dc']}, {run_label(cell)}"
         table.add_row(name, f"{cell['cache_fraction']:.1%}", *(f"{h['psnr_db']:.2f}" for h in cell["after"]["horizons"]))
     out.print(table)
-    for cell in headline:
-        out.print(f"headline: {headline_verdict(cell)}")
+    if result.get("headline"):
+        out.print(f"headline ({run_label(result['headline'])}): {headline_verdict(result['headline'])}")
 
 
 @app.command()

@@ -27,11 +27,11 @@ from mlaconvert.checkpoints.formats import save_native
 from mlaconvert.checkpoints.hub import load_source
 from mlaconvert.conversion.convert import ConvertSettings, convert_model, convert_source
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.inference.sampling import SamplerSettings
+from mlaconvert.inference.sampling import SamplerSettings, rollout
 from mlaconvert.modeling.model import load_model
 from mlaconvert.training.clips import Clips
 from mlaconvert.training.finetune import FinetuneSettings, Trainer, finetune, load_pair
-from mlaconvert.training.objective import AttentionOutputs, chunk_timesteps, distill_loss, mla_parameter_names, set_trainable, trainable_names
+from mlaconvert.training.objective import AttentionOutputs, chunk_timesteps, context_draw, distill_loss, noised, mla_parameter_names, set_trainable, trainable_names
 from mlaconvert.training.processes import Processes
 from mlaconvert.training.training_run import derived_seed
 
@@ -300,6 +300,43 @@ def test_held_out_loss_depends_only_on_the_weights(work: Path) -> None:
         expected = np.mean([float(distill_loss(student, teacher, clips.latents[i:i + 1], clips.text[i:i + 1], noise[i - 2:i - 1],
                                                t[i - 2:i - 1], sampler=SamplerSettings())[0]) for i in (2, 3)])
     assert first == pytest.approx(expected, rel=1e-6)
+
+
+def test_own_context_replaces_its_share_of_the_batch_with_the_students_own_rollout(work: Path) -> None:
+    trainer = small_trainer(work, dataclasses.replace(SMALL, batch=4, own_context=0.5))
+    clean, text, chunk = trainer.clips.latents, trainer.clips.text, trainer.settings.sampler.chunk
+    mixed = trainer._with_own_context(clean, text, slice(0, 4))
+    # The reference: the cached sampler continuing each clip's true first chunk, with the step's seed.
+    sampler = dataclasses.replace(trainer.settings.sampler, seed=derived_seed(SMALL.seed, "own/0", 0))
+    expected = rollout(trainer.student, text[:2], frames=6 - chunk, latent_size=(8, 8), settings=sampler,
+                       prefix=clean[:2, :, :chunk]).latents
+    torch.testing.assert_close(mixed[:2], expected)
+    assert torch.equal(mixed[:2, :, :chunk], clean[:2, :, :chunk]) and not torch.allclose(mixed[:2], clean[:2])
+    assert torch.equal(mixed[2:], clean[2:])  # the rest of the batch keeps the true clips
+    # Micro-batches: one past the share keeps its clips, one across it replaces only the rows before it.
+    assert torch.equal(trainer._with_own_context(clean[2:], text[2:], slice(2, 4)), clean[2:])
+    assert torch.equal(trainer._with_own_context(clean[1:3], text[1:3], slice(1, 3))[1:], clean[2:3])
+    assert math.isfinite(trainer.step()["loss"])
+
+
+def test_context_noise_is_the_context_teacher_and_student_both_see(work: Path) -> None:
+    settings = dataclasses.replace(SMALL, context_noise=0.5)
+    trainer = small_trainer(work, settings)
+    student, teacher, clips, s = trainer.student, trainer.teacher, trainer.clips, trainer.settings
+    # The reference: the step's draws in their order, the context noised per chunk, the loss by hand.
+    gen = torch.Generator().manual_seed(derived_seed(SMALL.seed, "step", 0))
+    index = trainer._clip_indices(0, 2)
+    clean = clips.latents[index]
+    t = chunk_timesteps(s, 2, 6, gen)
+    noise = torch.randn(clean.shape, generator=gen)
+    ctx_noise, ctx_t = context_draw(s, clean.shape, gen)
+    assert 0 <= float(ctx_t.min()) and float(ctx_t.max()) <= 500 and torch.equal(ctx_t[:, :3], ctx_t[:, :1].expand(2, 3))
+    with torch.no_grad():
+        expected = distill_loss(student, teacher, clean, clips.text[index], noise, t, sampler=s.sampler,
+                                context=noised(clean, ctx_noise, ctx_t))[0]
+        plain = distill_loss(student, teacher, clean, clips.text[index], noise, t, sampler=s.sampler)[0]
+    assert trainer.step()["loss"] == pytest.approx(float(expected), rel=1e-5) and float(expected) != pytest.approx(float(plain), rel=1e-3)
+    assert context_draw(SMALL.for_model(TINY_WAN), clean.shape, gen) is None  # off: nothing drawn, old runs unchanged
 
 
 def test_loss_picture_names_every_curve() -> None:

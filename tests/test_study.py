@@ -19,7 +19,8 @@ from mlaconvert.training.finetune import FinetuneSettings
 
 EVAL = EvalSettings(clips=2, frames=6, batch=2, edges=(6, 9), agreement_clips=1, strip_clips=1)
 FINETUNE = FinetuneSettings(batch=1, clips=3, held_out=1, frames=6, warmup=1, checkpoint_every=1, eval_every=10)
-GRID = StudySettings(dc=("4", "8"), init=("svd",), rope_dim=8, max_steps=2, headline_steps=3, headline_cache=0.4)
+GRID = StudySettings(dc=("4", "8"), init=("svd",), rope_dim=8, max_steps=2, headline_steps=3, headline_cache=0.4,
+                     remedies={"noisy context": {"context_noise": 0.2, "max_steps": 2}})
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,13 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
         assert cell["cache_fraction"] == pytest.approx((int(cell["dc"]) + 8) / (2 * 48))
         assert len(cell["latent_utilisation"]["after"]) == 2 and len(cell["spectral_error_at_dc"]) == 2
     assert saved["dense"]["effective_rank"] and len(saved["dense"]["rank_budget"]) == 2
-    headline = saved["headline"]
-    assert headline["finetune_steps"] == 3 and headline["cache_fraction"] <= 0.4
+    headline, runs = saved["headline"], saved["headline_runs"]
+    # The headline is the best of its runs: the recipe's fine-tune and each remedy, on the same (init, dc).
+    assert [r.get("remedy") for r in runs] == [None, "noisy context"] and [r["finetune_steps"] for r in runs] == [3, 2]
+    assert {(r["init"], r["dc"]) for r in runs} == {(headline["init"], headline["dc"])} and headline["cache_fraction"] <= 0.4
+    assert headline == min(runs, key=lambda r: (not r["reached"], not r["keeps_the_balls"], max(r["gaps_db"])))
+    tuned = json.loads((out / runs[1]["folder"] / "finetuned" / "rank_report.json").read_text())
+    assert tuned["finetune"]["settings"]["context_noise"] == 0.2 and runs[1]["finetune_overrides"] == {"context_noise": 0.2}
     kept = all(k >= d - 0.1 for k, d in zip(headline["after"]["count_kept"], saved["dense"]["count_kept"]))
     assert headline["keeps_the_balls"] == kept and headline["reached"] == (max(headline["gaps_db"]) <= 0.5 and kept)
     assert (headline["init"], headline["dc"]) == (headline_candidate(saved)["init"], headline_candidate(saved)["dc"])
@@ -69,6 +75,7 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
         assert f"| {row['init']} dc {row['dc']} |" in tables and after in tables
     assert " | ".join(f"{h['psnr_db']:.2f}" for h in saved["dense"]["horizons"]) in tables
     assert ("**reached**" if headline["reached"] else "**not reached**") in tables
+    assert "| noisy context (context_noise 0.2, 2 steps) |" in tables and "| headline fine-tune, 3 steps |" in tables
 
 
 def _row(init: str, psnr: list[float], kept: list[float], cache: float = 0.05) -> dict:
@@ -161,6 +168,8 @@ def test_cells_shared_among_worker_processes_are_the_cells_of_one_process(world_
 def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path):
     with pytest.raises(MlaconvertError, match="choose from"):
         study(world_model, tmp_path / "a", StudySettings(init=("svd", "pca")), device="cpu")
+    with pytest.raises(MlaconvertError, match="lr_typo is not a"):
+        study(world_model, tmp_path / "e", StudySettings(remedies={"longer": {"lr_typo": 1.0}}), device="cpu")
     with pytest.raises(MlaconvertError, match="auto"):
         study(world_model, tmp_path / "b", StudySettings(dc=("auto",)), device="cpu")
     (tmp_path / "c").mkdir()
@@ -169,7 +178,7 @@ def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path
         study(world_model, tmp_path / "c", GRID, finetune=FINETUNE, evaluation=EVAL, device="cpu")
     with pytest.raises(MlaconvertError, match="already an MLA model"):
         study(str(finished[0] / "cells" / "svd-dc4" / "mla"), tmp_path / "d", GRID, device="cpu")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    assert not any((tmp_path / x).exists() for x in "ade")
 
 
 RECIPE = """
@@ -180,6 +189,9 @@ rope_dim = 8
 max_steps = 2
 headline_steps = 3
 headline_cache = 0.4
+[study.remedies."noisy context"]
+context_noise = 0.2
+max_steps = 2
 [finetune]
 batch = 1
 clips = 3

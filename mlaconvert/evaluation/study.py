@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class StudySettings:
     headline_cache: float = setting(0.10, "Largest share of the dense cache the headline cell may keep.")
     workers: int = setting(1, "Cells run at once on each device (a small model leaves a GPU mostly idle).")
     margin_db: float = 0.5  # the headline's target: within this of dense in every horizon bucket
+    # Other fine-tunes of the headline's (init, dc), each a name and [finetune] settings (max_steps included)
+    # that replace the recipe's: the remedies the study tries when the headline falls short.
+    remedies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
         from mlaconvert.recipes import parse_dc
@@ -64,6 +67,11 @@ class StudySettings:
         for dc in self.dc:
             if parse_dc(dc) == "auto":
                 raise MlaconvertError("--dc auto has no place in a grid: give the widths")
+        known = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"sampler"}
+        for name, overrides in self.remedies.items():
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise MlaconvertError(f"remedy '{name}': {', '.join(unknown)} is not a [finetune] setting")
         if self.max_steps < 1 or self.workers < 1 or self.headline_steps < 0 or not 0 < self.headline_cache <= 1:
             raise MlaconvertError("--max-steps and --workers must be positive, --headline-steps at least 0 and --headline-cache in (0, 1]")
 
@@ -74,10 +82,17 @@ class Cell:
     dc: str  # as convert's --dc takes it
     steps: int
     headline: bool = False
+    remedy: str = ""  # the recipe's name for the fine-tune settings below
+    overrides: tuple[tuple[str, Any], ...] = ()  # [finetune] settings that replace the recipe's
 
     @property
     def name(self) -> str:
-        return f"{'headline-' if self.headline else ''}{self.init}-dc{self.dc.replace(',', '_')}"
+        """The cell's folder: named by what it runs, so a changed remedy is a new cell, never a stale one."""
+        tried = "".join(f"-{k}{v}" for k, v in (*self.overrides, *((("max_steps", self.steps),) if self.remedy else ())))
+        return f"{'headline-' if self.headline else ''}{self.init}-dc{self.dc.replace(',', '_')}{tried}"
+
+    def finetune(self, settings: FinetuneSettings) -> FinetuneSettings:
+        return dataclasses.replace(settings, max_steps=self.steps, **dict(self.overrides))
 
 
 @dataclass(frozen=True)
@@ -125,16 +140,26 @@ def study(
     result = assemble(plan, dense)
     best = headline_candidate(result) if settings.headline_steps else None
     if best is not None:
-        cell = Cell(best["init"], best["dc"], settings.headline_steps, headline=True)
-        run_cell(plan, cell, device, notify)
+        _run_cells(plan, headline_cells(settings, best["init"], best["dc"]), device, notify)
         result = assemble(plan, dense)
     publish(plan, result)
     return result
 
 
+def headline_cells(settings: StudySettings, init: str, dc: str) -> list[Cell]:
+    """The headline cell with the recipe's fine-tune, then one per remedy."""
+    cells = [Cell(init, dc, settings.headline_steps, headline=True)]
+    for name, overrides in settings.remedies.items():
+        tried = {k: v for k, v in overrides.items() if k != "max_steps"}
+        cells.append(Cell(init, dc, overrides.get("max_steps", settings.headline_steps), headline=True, remedy=name,
+                          overrides=tuple(sorted(tried.items()))))
+    return cells
+
+
 def _fingerprint(plan: Plan) -> dict[str, Any]:
-    """What decides the numbers: a study folder carries on only under the same."""
-    grid_settings = {k: v for k, v in dataclasses.asdict(plan.study).items() if k != "workers"}
+    """What decides the numbers: a study folder carries on only under the same. Remedies are left out: each
+    cell's folder is named by what it runs."""
+    grid_settings = {k: v for k, v in dataclasses.asdict(plan.study).items() if k not in ("workers", "remedies")}
     return json.loads(json.dumps({"model": plan.model, "study": grid_settings, "rope_dim": plan.rope_dim,
                                   "finetune": {k: v for k, v in dataclasses.asdict(plan.finetune).items() if k != "max_steps"},
                                   "eval": dataclasses.asdict(plan.evaluation)}, default=str))
@@ -252,7 +277,7 @@ def run_cell(plan: Plan, cell: Cell, device: str | None, notify: Callable[[str, 
     if not (tuned / "config.json").is_file():
         notify(cell.name, f"finetune {cell.steps} steps")
         resume = (tuned / "checkpoint" / "state.pt").is_file()
-        finetune(str(export), tuned, dataclasses.replace(plan.finetune, max_steps=cell.steps), teacher=plan.model,
+        finetune(str(export), tuned, cell.finetune(plan.finetune), teacher=plan.model,
                  device=device, resume=resume, force=not resume)
     after = _evaluate(str(tuned), folder / "after", plan, device, lambda: notify(cell.name, "eval after fine-tuning"))
     record = cell_record(cell, folder, before, after)
@@ -264,7 +289,7 @@ def _reuse_grid_conversion(plan: Plan, cell: Cell, folder: Path) -> None:
     """The headline converts as its grid cell did: that cell's export and first eval serve it too."""
     import shutil
 
-    grid_folder = plan.output / "cells" / dataclasses.replace(cell, headline=False).name
+    grid_folder = plan.output / "cells" / Cell(cell.init, cell.dc, cell.steps).name
     for stage in ("mla", "before"):
         if (grid_folder / stage).is_dir() and not (folder / stage).exists():
             partial = folder / f".{stage}.partial"
@@ -289,6 +314,7 @@ def cell_record(cell: Cell, folder: Path, before: dict[str, Any], after: dict[st
     return {
         "init": cell.init,
         "dc": cell.dc,
+        **({"remedy": cell.remedy, "finetune_overrides": dict(cell.overrides)} if cell.remedy else {}),
         "rope_dim": converted["cache"]["rope_dim"],
         "values_per_token": cache["mla_values_per_token_all_layers"],
         "cache_fraction": cache["mla_values_per_token_all_layers"] / cache["dense_values_per_token_all_layers"],
@@ -312,16 +338,15 @@ def cell_record(cell: Cell, folder: Path, before: dict[str, Any], after: dict[st
 def assemble(plan: Plan, dense: dict[str, Any]) -> dict[str, Any]:
     """study.json from the dense row and every finished cell, in grid order, the headline apart."""
     cells = [json.loads((plan.output / "cells" / c.name / "cell.json").read_text()) for c in grid(plan.study)]
-    headline = sorted((plan.output / "cells").glob("headline-*/cell.json"))
-    return {
-        "schema": SCHEMA,
-        "model": plan.model,
-        "device": dense["device"],
-        "settings": _fingerprint(plan),
-        "dense": dense,
-        "cells": cells,
-        "headline": _headline(json.loads(headline[0].read_text()), dense, plan.study) if headline else None,
-    }
+    result = {"schema": SCHEMA, "model": plan.model, "device": dense["device"], "settings": _fingerprint(plan),
+              "dense": dense, "cells": cells, "headline": None, "headline_runs": []}
+    best = headline_candidate(result) if plan.study.headline_steps else None
+    if best is not None:
+        done = [plan.output / "cells" / c.name / "cell.json" for c in headline_cells(plan.study, best["init"], best["dc"])]
+        runs = [_headline(json.loads(path.read_text()), dense, plan.study) for path in done if path.is_file()]
+        result["headline_runs"] = runs
+        result["headline"] = min(runs, key=lambda c: (not c["reached"], not c["keeps_the_balls"], max(c["gaps_db"])), default=None)
+    return {**result, "settings": {**result["settings"], "remedies": plan.study.remedies}}
 
 
 def gaps_db(cell: dict[str, Any], dense: dict[str, Any]) -> list[float]:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlaconvert.evaluation.evaluate import strip_columns, write_strip
+from mlaconvert.evaluation.study import gaps_db, keeps_the_balls
 
 INIT_COLOURS = {"svd": "C0", "asvd": "C2", "random": "C3"}
 
@@ -218,14 +219,36 @@ def headline_verdict(cell: dict[str, Any], bold: bool = False) -> str:
             f"balls {balls}, at {cell['cache_fraction']:.1%} of the cache)")
 
 
+def run_label(cell: dict[str, Any]) -> str:
+    """A headline run's name: its remedy and what it changed, or the recipe's own fine-tune."""
+    if not cell.get("remedy"):
+        return f"headline fine-tune, {cell['finetune_steps']} steps"
+    changed = ", ".join(f"{k} {v}" for k, v in cell["finetune_overrides"].items())
+    return f"{cell['remedy']} ({changed}{', ' if changed else ''}{cell['finetune_steps']} steps)"
+
+
+def _reached(cell: dict[str, Any], result: dict[str, Any]) -> bool:
+    """The headline's test, for any cell: within the margin of dense in every bucket, keeping the balls."""
+    dense = result["dense"]
+    return max(gaps_db(cell, dense)) <= result["settings"]["study"]["margin_db"] and keeps_the_balls(cell, dense)
+
+
 def _headline_lines(result: dict[str, Any]) -> list[str]:
     cell, dense = result.get("headline"), result["dense"]
     if cell is None:
         return ["**Headline.** Not run (no cell within the headline's cache, or headline_steps 0).", ""]
-    lines = [f"**Headline.** {_label(cell)} ({cell['cache_fraction']:.1%} of the dense cache) after {cell['finetune_steps']} "
-             f"fine-tune steps ({cell['finetune_seconds']:.0f} s): {headline_verdict(cell, bold=True)}.", ""]
+    lines = [f"**Headline.** {_label(cell)} ({cell['cache_fraction']:.1%} of the dense cache), {run_label(cell)}, "
+             f"{cell['finetune_seconds']:.0f} s: {headline_verdict(cell, bold=True)}.", ""]
     lines += _table(["model", *_buckets(dense["horizons"]), "balls kept"],
                     [["dense", *_psnr(dense["horizons"]), _kept(dense["count_kept"])],
                      [_label(cell), *_psnr(cell["after"]["horizons"]), _kept(cell["after"]["count_kept"])],
                      ["gap (dB)", *(f"{g:+.2f}" for g in cell["gaps_db"]), ""]])
+    grid = [c for c in result["cells"] if (c["init"], c["dc"]) == (cell["init"], cell["dc"])]
+    runs = [*(("grid's fine-tune, " + f"{c['finetune_steps']} steps", c) for c in grid),
+            *((run_label(r), r) for r in result.get("headline_runs", []))]
+    if len(runs) > 1:
+        lines += [f"**What limits it.** Every fine-tune of {_label(cell)} the study ran: the gap to dense per bucket (dB).", ""]
+        lines += _table(["fine-tune", "seconds", *_buckets(dense["horizons"]), "balls kept", "reached"],
+                        [[name, f"{r['finetune_seconds']:.0f}", *(f"{g:+.2f}" for g in gaps_db(r, dense)),
+                          _kept(r["after"]["count_kept"]), "yes" if _reached(r, result) else "no"] for name, r in runs])
     return lines

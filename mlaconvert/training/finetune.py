@@ -42,7 +42,7 @@ from mlaconvert.modeling.model import WanModel, load_model
 from mlaconvert.training.clips import Clips, training_clips
 from mlaconvert.training.finetune_report import finetune_section, measure_student
 from mlaconvert.training.objective import (TIMESTEP_MODES, TRAIN_MODES, AttentionOutputs, autocast_for, chunk_timesteps, distill_loss,
-                                  held_out_loss, set_trainable)
+                                  context_draw, held_out_loss, noised, own_continuation, set_trainable)
 from mlaconvert.inference.sampling import SamplerOptions, SamplerSettings, parse_timesteps
 from mlaconvert.outputs import write_json
 from mlaconvert.training.processes import Processes, processes
@@ -67,6 +67,9 @@ class FinetuneSettings:
     grad_clip: float = 1.0
     train: str = setting("mla", "mla (the new attention tensors), attn (all self-attention) or all.")
     layer_loss_weight: float = setting(0.0, "Weight of per-layer self-attention-output matching.")
+    own_context: float = setting(0.0, "Share of each batch whose clips are the student's own rollout after their true "
+                                      "first chunk, the teacher's flow on them the target (0: teacher forcing only).")
+    context_noise: float = setting(0.0, "Largest σ of the noise put on the clean context, drawn per chunk for teacher and student alike.")
     timestep_mode: str = "list"  # list: the sampler's warped timesteps; uniform: uniform between the list's ends
     gradient_checkpointing: bool = setting(True, "Activation checkpointing.")
     checkpoint_every: int = setting(50, "Steps between checkpoints.")
@@ -148,6 +151,10 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
         )
     if not 1 <= s.held_out < s.clips:
         raise MlaconvertError(f"held_out ({s.held_out}) must be at least 1 and below --clips ({s.clips})")
+    if not 0 <= s.context_noise < 1:
+        raise MlaconvertError(f"--context-noise is a σ in [0, 1) (got {s.context_noise})")
+    if not 0 <= s.own_context <= 1:
+        raise MlaconvertError(f"--own-context is a share of the batch in [0, 1] (got {s.own_context})")
     if s.lr <= 0 or s.grad_clip <= 0 or s.weight_decay < 0 or s.warmup < 0 or s.layer_loss_weight < 0:
         raise MlaconvertError("--lr and grad_clip must be positive; weight_decay, warmup and --layer-loss-weight non-negative")
 
@@ -225,6 +232,7 @@ class Trainer:
         frames = clean.shape[2]
         timesteps = chunk_timesteps(s, s.batch, frames, generator)
         noise = torch.randn(clean.shape, generator=generator)
+        context_noise = context_draw(s, clean.shape, generator)
         text = self.clips.text[index]
         per_rank = s.batch // procs.world
         micro = per_rank // s.accumulate
@@ -234,10 +242,13 @@ class Trainer:
             rows = slice(procs.rank * per_rank + a * micro, procs.rank * per_rank + (a + 1) * micro)
             last = a == s.accumulate - 1
             sync = contextlib.nullcontext() if last or procs.world == 1 else self.module.no_sync()
+            part = [x[rows].to(procs.device) for x in (clean, text, noise, timesteps)]
             with sync:
                 with self.autocast:
+                    part[0] = self._with_own_context(part[0], part[1], rows)
+                    context = None if context_noise is None else noised(part[0], *(x[rows].to(procs.device) for x in context_noise))
                     loss, parts = distill_loss(
-                        self.module, self.teacher, *(x[rows].to(procs.device) for x in (clean, text, noise, timesteps)),
+                        self.module, self.teacher, *part, context=context,
                         sampler=s.sampler, layer_loss_weight=s.layer_loss_weight,
                         student_attn=self.student_attn, teacher_attn=self.teacher_attn,
                     )
@@ -262,6 +273,16 @@ class Trainer:
         if procs.device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(procs.device) / 2**30
         return row
+
+    def _with_own_context(self, clean: torch.Tensor, text: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The micro-batch's clips, the first `own_context` share of the global batch replaced by the student's
+        own continuation of their true first chunk: Self-Forcing's remedy for teacher forcing, which trains on
+        contexts the student never sees when it samples, so its errors compound over a long rollout."""
+        own = min(rows.stop, round(self.settings.own_context * self.settings.batch)) - rows.start
+        if own <= 0:
+            return clean
+        sampler = dataclasses.replace(self.settings.sampler, seed=derived_seed(self.settings.seed, f"own/{rows.start}", self.step_count))
+        return torch.cat([own_continuation(self.student, clean[:own], text[:own], sampler), clean[own:]])
 
     def held_out_loss(self) -> float:
         """The objective on the held-out clips with the run's fixed draw (see `held_out_loss`)."""

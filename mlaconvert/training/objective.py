@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlaconvert.conversion.calibration import recording_forwards
-from mlaconvert.inference.sampling import SamplerSettings, warp_timesteps
+from mlaconvert.inference.sampling import SamplerSettings, rollout, warp_timesteps
 from mlaconvert.modeling.config import WanConfig
 from mlaconvert.modeling.model import WanModel
 from mlaconvert.training.training_run import derived_seed
@@ -99,21 +99,24 @@ def distill_loss(
     layer_loss_weight: float = 0.0,
     student_attn: AttentionOutputs | None = None,
     teacher_attn: AttentionOutputs | None = None,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Teacher-forcing distillation loss on one micro-batch, and its parts (detached); timesteps (B, F) per frame.
-    Each chunk sees the clean context the sampler's cache would hold: its chunk, window and sink set the mask.
+    Each chunk sees the context the sampler's cache would hold — `context`, by default the clean clip — through
+    the mask its chunk, window and sink set.
 
     The layer term is each layer's self-attention-output MSE relative to the teacher's mean square, averaged
     over layers: deep layers have larger activations, and the relative form keeps one weight meaningful for all.
     """
     noisy = noised(clean, noise, timesteps)
+    context = clean if context is None else context
     layers = layer_loss_weight > 0
     with torch.no_grad(), (teacher_attn.recording(layers) if teacher_attn else contextlib.nullcontext()):
         target = teacher(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, sink=sampler.sink,
-                         clean=clean)
+                         clean=context)
     with student_attn.recording(layers) if student_attn else contextlib.nullcontext():
         flow = student(noisy, timesteps, text, chunk_frames=sampler.chunk, window=sampler.window, sink=sampler.sink,
-                       clean=clean)
+                       clean=context)
     flow_loss = F.mse_loss(flow.float(), target.float())
     parts = {"flow_loss": flow_loss.detach()}
     if not layers:
@@ -128,6 +131,16 @@ def distill_loss(
     return flow_loss + layer_loss_weight * layer_loss, parts
 
 
+@torch.no_grad()
+def own_continuation(model: WanModel, clean: torch.Tensor, text: torch.Tensor, sampler: SamplerSettings) -> torch.Tensor:
+    """The model's own rollout after each clip's true first chunk, as long as the clip: the context it will see
+    when it samples. Eager, since the cached chunk-by-chunk shapes are not the compiled ones."""
+    chunk, (_, _, frames, h, w) = sampler.chunk, clean.shape
+    with torch.compiler.set_stance("force_eager"):
+        out = rollout(model, text, frames=frames - chunk, latent_size=(h, w), settings=sampler, prefix=clean[:, :, :chunk])
+    return out.latents.to(device=clean.device, dtype=clean.dtype)
+
+
 def chunk_timesteps(settings: FinetuneSettings, rows: int, frames: int, generator: torch.Generator) -> torch.Tensor:
     """(rows, frames) timesteps: one per chunk, from the sampler's warped list or uniformly between its ends."""
     sampler = settings.sampler
@@ -139,6 +152,20 @@ def chunk_timesteps(settings: FinetuneSettings, rows: int, frames: int, generato
         low, high = float(steps.min()), float(steps.max())
         t = low + (high - low) * torch.rand(rows, chunks, generator=generator)
     return t.repeat_interleave(sampler.chunk, dim=1)[:, :frames]
+
+
+def context_draw(settings: FinetuneSettings, shape: torch.Size, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Noise and per-frame timesteps (σ per chunk uniform in [0, context_noise]) for the clean context, or None
+    without context noise (drawing nothing, so such a run's other draws stay what they were)."""
+    if settings.context_noise <= 0:
+        return None
+    sigma = chunk_sigmas(settings.sampler.chunk, shape[0], shape[2], generator) * settings.context_noise
+    return torch.randn(shape, generator=generator), sigma * 1000
+
+
+def chunk_sigmas(chunk: int, rows: int, frames: int, generator: torch.Generator) -> torch.Tensor:
+    """(rows, frames): one uniform draw in [0, 1) per chunk, repeated over its frames."""
+    return torch.rand(rows, math.ceil(frames / chunk), generator=generator).repeat_interleave(chunk, dim=1)[:, :frames]
 
 
 def autocast_for(device: torch.device) -> Any:

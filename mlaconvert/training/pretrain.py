@@ -41,11 +41,11 @@ from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation import world
 from mlaconvert.fields import setting
-from mlaconvert.inference.sampling import SamplerSettings, rollout
+from mlaconvert.inference.sampling import SamplerSettings
 from mlaconvert.modeling.config import SamplerDefaults, WanConfig
 from mlaconvert.modeling.model import WanModel
 from mlaconvert.outputs import atomic_dir, check_writable, write_json
-from mlaconvert.training.objective import noised
+from mlaconvert.training.objective import chunk_sigmas, noised, own_continuation
 from mlaconvert.training.training_run import CHECKPOINT_DIR, LOG_NAME, LOSS_PLOT, derived_seed, trim_log, warmup_cosine
 
 # The built-in world model: Wan's architecture at a size that trains in minutes on one GPU and ships in ~14 MB.
@@ -127,11 +127,9 @@ def make_batch(settings: PretrainSettings, rows: int, seed: int, device: torch.d
     clean, caps, _ = world.clips(rows, settings.frames, seed, cfg.world, device)
     text = world.embed_captions(caps, cfg.text_len, cfg.text_dim).to(device)
     g = torch.Generator().manual_seed(seed)
-    chunks = math.ceil(settings.frames / chunk)
-    per_frame = lambda x: x.repeat_interleave(chunk, dim=1)[:, : settings.frames]  # noqa: E731
-    sigma = per_frame(torch.rand(rows, chunks, generator=g))
+    sigma = chunk_sigmas(chunk, rows, settings.frames, g)
     noise = torch.randn(clean.shape, generator=g)
-    ctx_sigma = per_frame(torch.rand(rows, chunks, generator=g) * context_noise)
+    ctx_sigma = chunk_sigmas(chunk, rows, settings.frames, g) * context_noise
     ctx_noise = torch.randn(clean.shape, generator=g)
     ctx_noise, ctx_timesteps = ctx_noise.to(device), (ctx_sigma * 1000).to(device)
     context = noised(clean, ctx_noise, ctx_timesteps)
@@ -139,15 +137,9 @@ def make_batch(settings: PretrainSettings, rows: int, seed: int, device: torch.d
 
 
 def own_rollout(model: WanModel, batch: Batch, seed: int) -> torch.Tensor:
-    """The model's own continuation of each clip's true first chunk with its own sampler settings: the context
-    it will see when it samples. Eager, since the cached chunk-by-chunk shapes are not the compiled ones."""
-    cfg = model.config
-    chunk, (_, _, frames, h, w) = cfg.sampler.chunk, batch.clean.shape
-    sampler = SamplerSettings.for_model(cfg, seed=seed)
-    with torch.compiler.set_stance("force_eager"):
-        out = rollout(model, batch.text, frames=frames - chunk, latent_size=(h, w), settings=sampler,
-                      prefix=batch.clean[:, :, :chunk])
-    return out.latents.to(batch.clean.device)
+    """The model's own continuation of each clip's true first chunk with its own sampler settings."""
+    sampler = SamplerSettings.for_model(model.config, seed=seed)
+    return own_continuation(model, batch.clean, batch.text, sampler)
 
 
 def flow_loss(model: nn.Module, batch: Batch, sampler: SamplerDefaults) -> torch.Tensor:
