@@ -135,7 +135,7 @@ def finetune(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): \\[finetune] settings; the options given override them."),
     overrides: dict[str, Any] = options(
-        FinetuneSettings, "max_steps", "batch", "accumulate", "lr", "warmup", "train", "layer_loss_weight", "own_context", "context_noise", "clips", "frames",
+        FinetuneSettings, "max_steps", "batch", "accumulate", "lr", "warmup", "train", "layer_loss_weight", "own_context", "context_noise", "horizon_frames", "clips", "frames",
         "height", "width", "chunk", "sampler_steps", "sampler_timesteps", "shift", "checkpoint_every", "gradient_checkpointing",
         "seed", sampler_steps="--steps", sampler_timesteps="--timesteps", gradient_checkpointing="--checkpointing/--no-checkpointing",
     ),

@@ -119,6 +119,29 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
     assert [r["step"] for r in log if "eval_loss" in r] == [0, 4, 6]
 
 
+def test_the_export_keeps_the_checkpoint_that_scores_best_over_the_long_horizon(work: Path) -> None:
+    # A learning rate that wrecks the student: the best long-horizon check is the one before training.
+    settings = dataclasses.replace(SMALL, max_steps=4, lr=5.0, warmup=0, grad_clip=1e3, horizon_frames=12, horizon_clips=2)
+    whole = run(work, "horizon", settings)
+    checks = whole.report["finetune"]["horizon"]["checks"]
+    assert [c["step"] for c in checks] == [0, 2, 4]  # before training and at every checkpoint
+    teacher = whole.report["finetune"]["horizon"]["teacher_psnr_db"]
+    for check in checks:
+        assert len(check["psnr_db"]) == len(teacher) >= 1 and check["score"] == max(check["gaps_db"])
+        assert check["gaps_db"] == pytest.approx([t - p for t, p in zip(teacher, check["psnr_db"])])
+    kept = whole.report["finetune"]["horizon"]["kept_step"]
+    assert kept == min(checks, key=lambda c: c["score"])["step"] == 0
+    converted, exported = weights(work / "mla"), weights(work / "horizon")
+    assert all(torch.equal(converted[k], exported[k]) for k in converted)
+    # Killed between checkpoints and resumed, the run keeps the same best and exports the same weights.
+    run(work, "horizon-killed", settings, stop_after=3)
+    with pytest.raises(MlaconvertError, match="checkpoint_every"):  # where the checks fall is part of the run now
+        run(work, "horizon-killed", dataclasses.replace(settings, checkpoint_every=1), resume=True)
+    resumed = run(work, "horizon-killed", settings, resume=True)
+    assert resumed.report["finetune"]["horizon"] == whole.report["finetune"]["horizon"]
+    assert all(torch.equal(exported[k], v) for k, v in weights(work / "horizon-killed").items())
+
+
 def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) -> None:
     # The attention hooks are removed before backward, so checkpointing's recomputation records nothing twice.
     student_ckpt, teacher_ckpt = load_pair(str(work / "mla"))

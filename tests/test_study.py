@@ -220,3 +220,24 @@ def test_the_command_reads_the_recipe_carries_on_and_prints_the_table(cli, finis
     assert r.returncode == 1 and "other settings" in r.stderr and "Traceback" not in r.stderr
     r = cli("study", "--recipe", str(tmp_path / "study.toml"), "--init", "pca", "-o", str(tmp_path / "x"))
     assert r.returncode == 1 and "choose from" in r.stderr
+
+
+def test_the_fine_tunes_long_horizon_check_judges_a_world_model_against_its_world(world_model, finished, tmp_path):
+    from mlaconvert.evaluation.evaluate import evaluate, world_truth
+    from mlaconvert.inference.sampling import SamplerSettings
+    from mlaconvert.checkpoints.hub import load_source
+    from mlaconvert.modeling.model import load_model
+    from mlaconvert.training.finetune import finetune
+    from mlaconvert.training.training_run import derived_seed
+
+    settings = dataclasses.replace(FINETUNE, max_steps=1, horizon_frames=9, horizon_clips=2)
+    result = finetune(str(finished[0] / "cells" / "svd-dc8" / "mla"), tmp_path / "ft", settings, teacher=world_model,
+                      device="cpu", show_progress=False)
+    horizon = result.report["finetune"]["horizon"]
+    # The reference: eval's own measure of the dense model on fresh clips of its world, seeded as the check is.
+    dense = load_source(world_model)
+    truth = world_truth(dense.config, EvalSettings(clips=2, seed=derived_seed(0, "horizon", 0)), 9)
+    report = evaluate(load_model(dense.config, dense.state_dict), truth, prefix=3, sampler=SamplerSettings.for_model(dense.config),
+                      settings=EvalSettings(clips=2, batch=2, seed=derived_seed(0, "horizon-noise", 0))).report
+    assert horizon["teacher_psnr_db"] == pytest.approx([h["psnr_db"] for h in report["horizons"]], abs=1e-4)
+    assert [c["step"] for c in horizon["checks"]] == [0, 1]

@@ -7,9 +7,12 @@ The pieces it is made of:
     training_run.py  the run folder: seeded draws, log, checkpoints that resume exactly, publishing the export
     processes.py     torchrun's processes (DDP): each takes its rows of the global batch; only rank 0 writes
     finetune_report.py  teacher agreement and rank utilisation before and after, and the report's finetune section
+    finetune_settings.py  the settings and their checks
+    horizon.py       the long-horizon check at the checkpoints, and the best checkpoint the export keeps
 
 The output folder is the run and the export at once:
-    OUT/train_log.jsonl   one row per optimizer step; `eval_loss` at step 0, every `eval_every` steps and the end
+    OUT/train_log.jsonl   one row per optimizer step; `eval_loss` at step 0, every `eval_every` steps and the end;
+                          `horizon` (PSNR per bucket, gap below the teacher) at step 0 and every checkpoint
     OUT/loss.png          training loss, held-out loss and learning rate
     OUT/checkpoint/       the latest checkpoint (trainable weights, optimizer, scheduler, RNG, data position)
     OUT/data/<key>/       generated clips (unless a cache folder is given)
@@ -36,90 +39,20 @@ from torch import nn
 from mlaconvert.checkpoints.formats import Checkpoint
 from mlaconvert.devices import default_dtype
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.fields import help_of, setting
 from mlaconvert.modeling.config import WanConfig
 from mlaconvert.modeling.model import WanModel, load_model
 from mlaconvert.training.clips import Clips, training_clips
+from mlaconvert.training.finetune_settings import FinetuneSettings, check_settings
 from mlaconvert.training.finetune_report import finetune_section, measure_student
-from mlaconvert.training.objective import (TIMESTEP_MODES, TRAIN_MODES, AttentionOutputs, autocast_for, chunk_timesteps, distill_loss,
-                                  context_draw, held_out_loss, noised, own_continuation, set_trainable)
-from mlaconvert.inference.sampling import SamplerOptions, SamplerSettings, parse_timesteps
+from mlaconvert.training.horizon import HorizonCheck, best_of, horizon_check, restore
+from mlaconvert.training.objective import (AttentionOutputs, autocast_for, chunk_timesteps, context_draw, distill_loss, held_out_loss,
+                                           noised, own_continuation, set_trainable)
 from mlaconvert.outputs import write_json
 from mlaconvert.training.processes import Processes, processes
 from mlaconvert.training.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
                                      check_output, clear_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
 
 AGREEMENT_NAME = "agreement.json"
-# Settings that change how a run is carried out but not what it computes; a resume may change them.
-RUN_ONLY_SETTINGS = ("checkpoint_every", "eval_every")
-
-
-@dataclass
-class FinetuneSettings:
-    """The [finetune] table of a recipe; CLI options override it."""
-
-    max_steps: int = setting(200, "Optimizer steps.")
-    batch: int = setting(1, "Clips per step over all processes.")
-    accumulate: int = setting(1, "Micro-batches per step in each process (gradient accumulation).")
-    lr: float = setting(1e-4, "Peak learning rate of AdamW.")
-    warmup: int = setting(10, "Linear warmup steps before the cosine decay to zero.")
-    weight_decay: float = 0.0  # decay pulls toward zero, not toward the factorised init: off by default
-    grad_clip: float = 1.0
-    train: str = setting("mla", "mla (the new attention tensors), attn (all self-attention) or all.")
-    layer_loss_weight: float = setting(0.0, "Weight of per-layer self-attention-output matching.")
-    own_context: float = setting(0.0, "Share of each batch whose clips are the student's own rollout after their true "
-                                      "first chunk, the teacher's flow on them the target (0: teacher forcing only).")
-    context_noise: float = setting(0.0, "Largest σ of the noise put on the clean context, drawn per chunk for teacher and student alike.")
-    timestep_mode: str = "list"  # list: the sampler's warped timesteps; uniform: uniform between the list's ends
-    gradient_checkpointing: bool = setting(True, "Activation checkpointing.")
-    checkpoint_every: int = setting(50, "Steps between checkpoints.")
-    eval_every: int = 25  # steps between evaluations of the fixed held-out objective (also at the start and end)
-    seed: int = setting(0, "Seed of data order, timesteps, noise and generated clips.")
-    # Teacher-generated data: this many clips, the last `held_out` of them kept for agreement and utilisation.
-    clips: int = setting(16, "Teacher-generated clips, held_out of them (a recipe setting) kept out of training.")
-    held_out: int = 2
-    frames: int = setting(6, "Latent frames per generated clip.")
-    height: int = setting(128, "Height of generated clips in pixels.")
-    width: int = setting(128, "Width of generated clips in pixels.")
-    generate_batch: int = 4
-    # Overrides of the model's own sampler (config.json), which the student is trained for; None keeps its value.
-    chunk: int | None = setting(None, help_of(SamplerOptions, "chunk"))
-    sampler_steps: int | None = setting(None, f"{help_of(SamplerOptions, 'steps')} For the teacher's clips and the agreement measure.")
-    sampler_timesteps: tuple[float, ...] | None = setting(None, help_of(SamplerOptions, "timesteps"), parse=parse_timesteps)
-    shift: float | None = setting(None, help_of(SamplerOptions, "shift"))
-    # The sampler itself: made by `for_model` from the model's own and the overrides above, unless given whole
-    # (from Python; a recipe names the overrides).
-    sampler: SamplerSettings | None = field(default=None, metadata={"recipe": False})
-
-    def __post_init__(self) -> None:
-        if self.sampler_timesteps is not None:
-            self.sampler_timesteps = tuple(float(t) for t in self.sampler_timesteps)  # a recipe gives a list
-
-    def for_model(self, config: WanConfig) -> FinetuneSettings:
-        """These settings with `sampler` made concrete from the model's own and the overrides, which it replaces."""
-        overrides = {"steps": self.sampler_steps, "timesteps": self.sampler_timesteps, "shift": self.shift, "chunk": self.chunk}
-        if self.sampler is None:
-            sampler = SamplerSettings.for_model(config, **overrides)
-        elif any(v is not None for v in overrides.values()):
-            raise MlaconvertError("give the sampler whole or override the model's own (chunk, sampler_steps, ...), not both")
-        else:
-            sampler = self.sampler
-            sampler.check()
-        return dataclasses.replace(self, chunk=None, sampler_steps=None, sampler_timesteps=None, shift=None, sampler=sampler)
-
-    def sampler_for(self, frames: int, seed: int) -> SamplerSettings:
-        """The sampler for rollouts of `frames`: its window spans the whole clip, so a rollout attends exactly as
-        the teacher-forcing forward does."""
-        assert self.sampler is not None, "call for_model first"
-        return dataclasses.replace(self.sampler, window=max(frames, self.sampler.chunk), seed=seed)
-
-    def record(self) -> dict[str, Any]:
-        """The settings as the report and the checkpoint's fingerprint record them: flat, the sampler resolved."""
-        assert self.sampler is not None, "call for_model first"
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampler"}
-        sampler = {"chunk": self.sampler.chunk, "sampler_steps": None, "sampler_timesteps": self.sampler.timesteps,
-                   "shift": self.sampler.shift}
-        return {**flat, **sampler}
 
 
 @dataclass
@@ -130,33 +63,6 @@ class FinetuneResult:
     final_loss: float | None
     report: dict[str, Any] | None = None  # the export's rank report, with the "finetune" section
     log: list[dict[str, Any]] = field(default_factory=list)
-
-
-def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
-    """Every option problem is reported before any model is loaded."""
-    s = settings
-    if s.train not in TRAIN_MODES:
-        raise MlaconvertError(f"--train must be one of {', '.join(TRAIN_MODES)} (got '{s.train}')")
-    if s.timestep_mode not in TIMESTEP_MODES:
-        raise MlaconvertError(f"timestep_mode must be one of {', '.join(TIMESTEP_MODES)} (got '{s.timestep_mode}')")
-    positive = {"--max-steps": s.max_steps, "--batch": s.batch, "--accumulate": s.accumulate, "--checkpoint-every": s.checkpoint_every,
-                "eval_every": s.eval_every, "--clips": s.clips, "--frames": s.frames, "--height": s.height, "--width": s.width,
-                "generate_batch": s.generate_batch}
-    for name, value in positive.items():
-        if value < 1:
-            raise MlaconvertError(f"{name} must be at least 1 (got {value})")
-    if s.batch % (processes * s.accumulate):
-        raise MlaconvertError(
-            f"--batch {s.batch} must divide evenly into {processes} process(es) x --accumulate {s.accumulate} micro-batches"
-        )
-    if not 1 <= s.held_out < s.clips:
-        raise MlaconvertError(f"held_out ({s.held_out}) must be at least 1 and below --clips ({s.clips})")
-    if not 0 <= s.context_noise < 1:
-        raise MlaconvertError(f"--context-noise is a σ in [0, 1) (got {s.context_noise})")
-    if not 0 <= s.own_context <= 1:
-        raise MlaconvertError(f"--own-context is a share of the batch in [0, 1] (got {s.own_context})")
-    if s.lr <= 0 or s.grad_clip <= 0 or s.weight_decay < 0 or s.warmup < 0 or s.layer_loss_weight < 0:
-        raise MlaconvertError("--lr and grad_clip must be positive; weight_decay, warmup and --layer-loss-weight non-negative")
 
 
 def _dense_mismatch(student: WanConfig, teacher: WanConfig) -> list[str]:
@@ -368,6 +274,8 @@ class RunState:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     before: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    horizon: HorizonCheck | None = None
+    best: dict[str, Any] | None = None  # the best long-horizon check so far: step, score, trained weights
 
 
 def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processes, progress: Any, *, teacher: str | None,
@@ -400,26 +308,34 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
         fingerprint = {
             "model": weights_sha256(student_ckpt.files), "teacher": teacher_sha, "config": config.to_dict(),
             "data": {k: v for k, v in made.origin.items() if k != "folder"},
-            "settings": {k: v for k, v in settings.record().items() if k not in RUN_ONLY_SETTINGS},
+            "settings": {k: v for k, v in settings.record().items() if k not in settings.run_only()},
         }
         fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as the saved copy reads back
         saved = read_run(output) if resume else {"step": 0}
         if resume:
             check_same_run(output, saved["fingerprint"], fingerprint)
         before = saved["before"] if resume else measure_student(student, teacher_model, made, settings, autocast_for(dev))
+        check = horizon_check(teacher_model, made, settings, autocast_for(dev), before.get("horizon_reference"))
+        if check is not None:
+            before["horizon_reference"] = check.reference
         rows = trim_log(output / LOG_NAME, saved["step"])
         if not rows:
             rows.append({"step": 0, "eval_loss": held_out_loss(student, teacher_model, made, settings, dev, procs.world)})
+            if check is not None:
+                rows[0]["horizon"] = check.score(student, settings)
             append_row(output / LOG_NAME, rows[0])
-        return made, fingerprint, before, rows
+        return made, fingerprint, before, rows, check
 
     opened = procs.on_main(open_run)
     trainer = Trainer(student, teacher_model, opened[0] if opened else clips(), settings, procs)
+    state = load_checkpoint(output) if resume else {}
     if resume:
-        trainer.load_state_dict(load_checkpoint(output))
-    run = RunState(output, trainer, student_ckpt, teacher_ckpt, teacher_sha)
+        trainer.load_state_dict(state)
+    run = RunState(output, trainer, student_ckpt, teacher_ckpt, teacher_sha, best=state.get("best"))
     if opened:
-        _, run.fingerprint, run.before, run.rows = opened
+        _, run.fingerprint, run.before, run.rows, run.horizon = opened
+        if run.horizon is not None and not resume:
+            run.best = best_of(None, 0, run.rows[0]["horizon"], student)
     return run
 
 
@@ -438,15 +354,20 @@ def _train(run: RunState, progress: Any, stop_after: int | None) -> bool:
 
 def _record(run: RunState, row: dict[str, Any], progress: Any, task: Any) -> None:
     """The step's log row (with the held-out loss every eval_every steps and at the end), and every
-    checkpoint_every steps (and at the end) the checkpoint and the loss plot."""
+    checkpoint_every steps (and at the end) the long-horizon check, the checkpoint and the loss plot."""
     trainer, s, step = run.trainer, run.trainer.settings, row["step"]
+    checkpoint = step % s.checkpoint_every == 0 or step == s.max_steps
     if step % s.eval_every == 0 or step == s.max_steps:
         row["eval_loss"] = trainer.held_out_loss()
+    if checkpoint and run.horizon is not None:
+        row["horizon"] = run.horizon.score(trainer.student, s)
+        run.best = best_of(run.best, step, row["horizon"], trainer.student)
     run.rows.append(row)
     append_row(run.output / LOG_NAME, row)
     progress.update(task, completed=step, info=f"loss {row['loss']:.4g}  {row['tokens_per_s']:,.0f} tok/s")
-    if step % s.checkpoint_every == 0 or step == s.max_steps:
-        save_checkpoint(run.output, trainer.state_dict(), {"step": step, "fingerprint": run.fingerprint, "before": run.before})
+    if checkpoint:
+        state = {**trainer.state_dict(), **({"best": run.best} if run.best is not None else {})}
+        save_checkpoint(run.output, state, {"step": step, "fingerprint": run.fingerprint, "before": run.before})
         plot_loss(run.rows, run.output / LOSS_PLOT)
 
 
@@ -464,6 +385,8 @@ def _export(run: RunState) -> dict[str, Any]:
     from mlaconvert.conversion.rank import build_report
 
     trainer, config = run.trainer, run.student.config
+    if run.best is not None:
+        restore(trainer.student, run.best)
     after = measure_student(trainer.student, trainer.teacher, trainer.clips, trainer.settings, trainer.autocast)
     dtypes = {k: v.dtype for k, v in run.student.state_dict.items()}
     state = {k: v.detach().to("cpu", dtypes[k]) for k, v in trainer.student.state_dict().items()}

@@ -73,4 +73,9 @@ def finetune_section(run: RunState, after: dict[str, Any]) -> dict[str, Any]:
         "model_flops_per_step": settings.batch * count_step_flops(trainer.student.config, settings, clip_size[0], clip_size[1:]),
         "before": run.before,
         "after": after,
+        "horizon": None if run.best is None else {
+            "teacher_psnr_db": run.before["horizon_reference"],
+            "checks": [{"step": r["step"], **r["horizon"]} for r in run.rows if "horizon" in r],
+            "kept_step": run.best["step"],  # the export holds this check's weights
+        },
     }
