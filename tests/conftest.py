@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlaconvert.checkpoints.builtin import make_tiny_wan
+from mlaconvert.checkpoints.formats import wan_config_to_diffusers
 from mlaconvert.checkpoints.naming import native_to_diffusers
 from mlaconvert.modeling.config import WanConfig
 
@@ -51,25 +52,6 @@ def tiny_config() -> WanConfig:
 @pytest.fixture
 def tiny_state_dict(tiny_config: WanConfig) -> dict[str, torch.Tensor]:
     return make_tiny_wan(seed=1234, config=tiny_config)
-
-
-def wan_config_to_diffusers(config: WanConfig) -> dict:
-    """Constructor arguments of an equivalent `WanTransformer3DModel` (the inverse of diffusers_config_to_wan)."""
-    assert config.qk_norm, "diffusers' WanTransformer3DModel always normalises q and k"
-    return {
-        "patch_size": tuple(config.patch_size),
-        "num_attention_heads": config.num_heads,
-        "attention_head_dim": config.head_dim,
-        "in_channels": config.in_dim,
-        "out_channels": config.out_dim,
-        "text_dim": config.text_dim,
-        "freq_dim": config.freq_dim,
-        "ffn_dim": config.ffn_dim,
-        "num_layers": config.num_layers,
-        "cross_attn_norm": config.cross_attn_norm,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": config.eps,
-    }
 
 
 @pytest.fixture

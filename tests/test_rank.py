@@ -298,7 +298,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Stand in for mlaconvert.checkpoints.hub (the loader has its own tests); records what was loaded."""
     loaded: list[str] = []
 
-    def load_source(spec: str, *, config=None, head_dim: int = 128, revision=None) -> FakeCheckpoint:
+    def load_source(spec: str, *, config=None, head_dim: int = 128, revision=None, lazy: bool = False) -> FakeCheckpoint:
         loaded.append(spec)
         return FakeCheckpoint()
 

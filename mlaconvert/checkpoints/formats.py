@@ -26,12 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mlaconvert.checkpoints.naming import (
-    detect_naming,
-    diffusers_to_native,
-    native_shapes,
-    strip_wrappers,
-)
+from mlaconvert.checkpoints.naming import detect_naming, diffusers_to_native, diffusers_to_native_keys, native_shapes, strip_wrappers
+from mlaconvert.checkpoints.streaming import LazyStateDict, tensor_spec
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.fields import check_types
 from mlaconvert.modeling.config import PRESETS, SamplerDefaults, WanConfig, preset
@@ -86,6 +82,26 @@ def diffusers_config_to_wan(d: Mapping[str, Any]) -> WanConfig:
         qk_norm=True,
         cross_attn_norm=bool(d.get("cross_attn_norm", False)),
     )
+
+
+def wan_config_to_diffusers(config: WanConfig) -> dict[str, Any]:
+    """Constructor arguments of an equivalent `WanTransformer3DModel` (the inverse of diffusers_config_to_wan)."""
+    if not config.qk_norm:
+        raise MlaconvertError("diffusers' WanTransformer3DModel always normalises q and k; this model has no qk_norm")
+    return {
+        "patch_size": tuple(config.patch_size),
+        "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.head_dim,
+        "in_channels": config.in_dim,
+        "out_channels": config.out_dim,
+        "text_dim": config.text_dim,
+        "freq_dim": config.freq_dim,
+        "ffn_dim": config.ffn_dim,
+        "num_layers": config.num_layers,
+        "cross_attn_norm": config.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": config.eps,
+    }
 
 
 def config_from_dict(d: Mapping[str, Any], where: str = "config.json") -> WanConfig:
@@ -188,9 +204,9 @@ def validate_state_dict(sd: Mapping[str, torch.Tensor], config: WanConfig, name:
     if not keys & expected.keys():
         raise MlaconvertError(f"'{name}' is not a Wan DiT checkpoint: {_not_wan_message(sd.keys())}")
     wrong = [
-        f"{k} is {tuple(sd[k].shape)}, expected {s}"
+        f"{k} is {tensor_spec(sd, k)[1]}, expected {s}"
         for k, s in expected.items()
-        if k in sd and s is not None and tuple(sd[k].shape) != s
+        if k in sd and s is not None and tensor_spec(sd, k)[1] != s
     ]
     if not (missing or unexpected or wrong):
         return
@@ -310,13 +326,16 @@ def _weights_in_folder(folder: Path) -> tuple[Path, dict[str, Path] | Path]:
 
 
 def read_checkpoint(
-    path: Path, *, config: WanConfig | str | Path | None = None, head_dim: int = 128, label: str | None = None
+    path: Path, *, config: WanConfig | str | Path | None = None, head_dim: int = 128, label: str | None = None,
+    lazy: bool = False,
 ) -> Checkpoint:
     """Read any supported checkpoint into canonical native names.
 
     The config is, in order: the `config` argument, the config.json beside the weights, or one inferred from
     tensor shapes (with `head_dim` to count heads). `label` names the source in error messages (default: the
-    file or folder name), so a Hub snapshot is called by its repo id rather than its cache path.
+    file or folder name), so a Hub snapshot is called by its repo id rather than its cache path. `lazy`: the
+    state dict of a safetensors checkpoint reads each tensor when it is looked up (a LazyStateDict), so a model
+    larger than memory can be converted layer by layer; a .pt file is memory-mapped anyway.
     """
     path = Path(path)
     label = label or path.name
@@ -327,13 +346,13 @@ def read_checkpoint(
     container = None
     if path.is_dir():
         weights_dir, weights = _weights_in_folder(path)
-        raw = _read_safetensors(weights)
+        raw = LazyStateDict.of_files(weights) if lazy else _read_safetensors(weights)
         files = sorted(set(weights.values())) if isinstance(weights, dict) else [weights]
         config_json = weights_dir / "config.json"
     else:
         container = _sniff(path)
         if container == "safetensors":
-            raw = _read_safetensors(path)
+            raw = LazyStateDict.of_files(path) if lazy else _read_safetensors(path)
         elif container in ("torch-zip", "torch-pickle"):
             # mmap keeps a multi-GB checkpoint on disk until a tensor is used; only the zip container supports it.
             raw, info["state_key"] = _pick_state_dict(_read_torch(path, mmap=container == "torch-zip"), path)
@@ -346,7 +365,10 @@ def read_checkpoint(
     naming = detect_naming(raw)
     if naming is None:
         raise MlaconvertError(f"'{label}' is not a Wan DiT checkpoint: {_not_wan_message(raw.keys())}")
-    sd = diffusers_to_native(raw) if naming == "diffusers" else raw
+    if naming == "diffusers":
+        sd = raw.renamed(diffusers_to_native_keys(raw)) if isinstance(raw, LazyStateDict) else diffusers_to_native(raw)
+    else:
+        sd = raw
 
     if config is not None:
         cfg = resolve_config(config)
@@ -365,7 +387,7 @@ def read_checkpoint(
     else:
         fmt = "diffusers" if naming == "diffusers" else "wan"
     info["naming"] = naming
-    info["dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})
+    info["dtypes"] = sorted({str(tensor_spec(sd, k)[0]).removeprefix("torch.") for k in sd})
     return Checkpoint(config=cfg, state_dict=sd, format=fmt, files=files, info=info)
 
 

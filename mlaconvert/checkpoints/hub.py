@@ -100,11 +100,13 @@ def resolve_source(spec: str, revision: str | None = None) -> ResolvedSource:
 
 
 def load_source(
-    spec: str, *, config: WanConfig | str | Path | None = None, head_dim: int = 128, revision: str | None = None
+    spec: str, *, config: WanConfig | str | Path | None = None, head_dim: int = 128, revision: str | None = None,
+    lazy: bool = False,
 ) -> Checkpoint:
-    """Resolve SOURCE and read it; `checkpoint.info` records where it came from (spec, repo, revision, path)."""
+    """Resolve SOURCE and read it (`lazy`: see read_checkpoint); `checkpoint.info` records where it came from
+    (spec, repo, revision, path)."""
     src = resolve_source(spec, revision)
-    ckpt = read_checkpoint(src.path, config=config, head_dim=head_dim, label=spec)
+    ckpt = read_checkpoint(src.path, config=config, head_dim=head_dim, label=spec, lazy=lazy)
     ckpt.info.update(
         spec=spec,
         kind=src.kind,

@@ -108,26 +108,36 @@ def _map_key(key: str, to_diffusers: bool) -> str | None:
     return _rename(key, top_level)
 
 
-def _convert(sd: Mapping[str, torch.Tensor], to_diffusers: bool) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sd.items():
+def key_map(keys: Iterable[str], to_diffusers: bool) -> dict[str, str]:
+    """{key: its name in the other naming}, read from the names alone (no tensor is touched)."""
+    out: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for key in keys:
         # Keys outside the map (MLA projections, an I2V model's image branch) keep their name so that
         # validation can name them instead of silently dropping weights.
         new = _map_key(key, to_diffusers) or key
-        if new in out:
+        if new in taken:
             raise MlaconvertError(f"checkpoint has both '{key}' and a key that also maps to '{new}'")
-        out[new] = tensor
+        out[key] = taken[new] = new
     return out
+
+
+def native_to_diffusers_keys(keys: Iterable[str]) -> dict[str, str]:
+    return key_map(keys, to_diffusers=True)
+
+
+def diffusers_to_native_keys(keys: Iterable[str]) -> dict[str, str]:
+    return key_map(keys, to_diffusers=False)
 
 
 def native_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename native Wan keys to `WanTransformer3DModel` keys (tensors are shared, not copied)."""
-    return _convert(sd, to_diffusers=True)
+    return {new: sd[old] for old, new in native_to_diffusers_keys(sd).items()}
 
 
 def diffusers_to_native(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename `WanTransformer3DModel` keys to native Wan keys (tensors are shared, not copied)."""
-    return _convert(sd, to_diffusers=False)
+    return {new: sd[old] for old, new in diffusers_to_native_keys(sd).items()}
 
 
 def detect_naming(keys: Iterable[str]) -> str | None:

@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 
 from mlaconvert import __version__
 from mlaconvert.checkpoints.formats import Checkpoint
+from mlaconvert.checkpoints.streaming import Overlaid, tensor_nbytes, total_numel
 from mlaconvert.conversion.calibration import Calibration, calibrate, check_fits
 from mlaconvert.conversion.factorize import LayerFactors, factorize_layer
 from mlaconvert.conversion.spectra import mla_utilisation, truncation_at
@@ -54,7 +55,7 @@ class ConvertSettings:
 @dataclass
 class Conversion:
     config: WanConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # the source's tensors outside self-attention stay where it keeps them
     layers: list[dict[str, Any]]  # per-layer measurements for the rank report
     calibration: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -90,9 +91,10 @@ def check_settings(settings: ConvertSettings, config: WanConfig) -> None:
     _layer_dcs(settings, config)
 
 
-def _attn_weights(state_dict: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+def _attn_weights(state_dict: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    # By key, then looked up: a lazy state dict reads only this layer's tensors.
     prefix = f"blocks.{layer}.self_attn."
-    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: state_dict[k] for k in state_dict if k.startswith(prefix)}
 
 
 def convert_model(
@@ -133,7 +135,7 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def _calibrate(checkpoint: Checkpoint, settings: ConvertSettings, device: torch.device, notify: Callable[[str, int, int], None]) -> Calibration:
-    check_fits(sum(t.numel() * t.element_size() for t in checkpoint.state_dict.values()), device)
+    check_fits(sum(tensor_nbytes(checkpoint.state_dict, k) for k in checkpoint.state_dict), device)
     notify("calibration", 0, 1)
     config = checkpoint.config
     dense = load_model(config, checkpoint.state_dict, device=device).eval()
@@ -189,11 +191,10 @@ def _mla_config(checkpoint: Checkpoint, settings: ConvertSettings, factors: list
     ))
 
 
-def _mla_state_dict(state_dict: dict[str, torch.Tensor], factors: list[LayerFactors]) -> dict[str, torch.Tensor]:
-    state = {k: v for k, v in state_dict.items() if ".self_attn." not in k}
-    for i, f in enumerate(factors):
-        state.update({f"blocks.{i}.self_attn.{k}": v.detach().to("cpu").contiguous() for k, v in f.weights.items()})
-    return state
+def _mla_state_dict(state_dict: Mapping[str, torch.Tensor], factors: list[LayerFactors]) -> Mapping[str, torch.Tensor]:
+    """The dense tensors outside self-attention, left where the source keeps them, and the factors."""
+    mla = {f"blocks.{i}.self_attn.{k}": v.detach().to("cpu").contiguous() for i, f in enumerate(factors) for k, v in f.weights.items()}
+    return Overlaid(state_dict, lambda k: ".self_attn." in k, mla)
 
 
 def _layer_records(
@@ -367,10 +368,10 @@ def convert_source(
 
     output = Path(output)
     check_writable(output, force)
-    checkpoint = load_source(source, config=config, head_dim=head_dim)
+    checkpoint = load_source(source, config=config, head_dim=head_dim, lazy=True)
     check_settings(settings, checkpoint.config)
     claim_output(output, force)  # from here until this process ends, a second convert into `output` refuses
-    dev = choose_device(device, sum(t.numel() for t in checkpoint.state_dict.values()))
+    dev = choose_device(device, total_numel(checkpoint.state_dict))
     start = time.perf_counter()
     with progress_bar() as progress:
         tasks: dict[str, Any] = {}

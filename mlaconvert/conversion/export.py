@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mlaconvert import __version__
+from mlaconvert.checkpoints.streaming import shard_plan, tensor_nbytes, tensor_spec, total_numel, write_safetensors
 from mlaconvert.conversion.rank import write_report
 from mlaconvert.modeling.config import WanConfig
 from mlaconvert.outputs import atomic_dir
@@ -24,37 +24,22 @@ from mlaconvert.outputs import atomic_dir
 SHARD_BYTES = 5 * 2**30
 
 
-def _shards(state_dict: Mapping[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state_dict):
-        t = state_dict[name]
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    return shards
-
-
 def save_weights(state_dict: Mapping[str, torch.Tensor], folder: Path, *, shard_bytes: int = SHARD_BYTES) -> list[Path]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger than `shard_bytes`."""
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger than `shard_bytes`; written
+    shard by shard and tensor by tensor, so a lazy state dict is never in memory whole."""
     metadata = {"format": "pt", "mlaconvert_version": __version__}
-    shards = _shards(state_dict, shard_bytes)
-    if len(shards) == 1:
-        path = folder / "model.safetensors"
-        save_file(shards[0], str(path), metadata=metadata)
-        return [path]
-    paths, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=metadata)
-        paths.append(path)
-        weight_map.update({name: path.name for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    names = sorted(state_dict)
+    sizes = {name: tensor_nbytes(state_dict, name) for name in names}
+    shards = shard_plan(sizes, shard_bytes)
+    paths = [folder / "model.safetensors"] if len(shards) == 1 else [
+        folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for path, shard in zip(paths, shards, strict=True):
+        specs = [(name, *tensor_spec(state_dict, name)) for name in shard]
+        write_safetensors(path, specs, lambda name: state_dict[name], metadata=metadata)
+    if len(shards) > 1:
+        weight_map = {name: path.name for path, shard in zip(paths, shards) for name in shard}
+        index = {"metadata": {"total_size": sum(sizes.values()), **metadata}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return paths
 
 
@@ -185,5 +170,5 @@ def write_export(
         save_weights(state_dict, tmp, shard_bytes=shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         write_report(report, tmp)
-        (tmp / "README.md").write_text(model_card(config, report, sum(t.numel() for t in state_dict.values())))
+        (tmp / "README.md").write_text(model_card(config, report, total_numel(state_dict)))
     return folder

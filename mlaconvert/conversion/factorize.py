@@ -100,11 +100,22 @@ def whitener(second_moment: torch.Tensor, n: int) -> Whitener:
     return Whitener(chol, torch.linalg.inv(chol))
 
 
-def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # float64 where it is cheap (tests, small models); float32 for Wan-size matrices keeps 30 layers under a minute.
-    dtype = torch.float64 if m.numel() <= 2**21 else torch.float32
-    u, s, vh = torch.linalg.svd(m.to(dtype), full_matrices=False)
-    return u.double(), s.double(), vh.double()
+def _svd(m: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float64 (U with its first `keep` columns at least): directly where it is cheap (tests, small
+    models); for Wan-size matrices from the eigenvectors of the n x n Gram MᵀM (0.47 s for a 1536-wide Wan-1.3B
+    layer on 2 CPU cores against 1.0 s for a float32 SVD). Its singular vectors are exact to float64 rounding for
+    σ above ~1e-7 σ₁, far below any dc's."""
+    m = m.double()
+    if m.numel() <= 2**21:
+        return torch.linalg.svd(m, full_matrices=False)
+    eigenvalues, v = torch.linalg.eigh(m.T @ m)
+    eigenvalues, v = eigenvalues.flip(0), v.flip(1)
+    sigma = eigenvalues.clamp(min=0).sqrt()
+    # U = M V / σ where σ is resolved; a column of an unresolved σ is 0, so it adds nothing at any rank.
+    resolved = sigma > m.shape[1] * torch.finfo(m.dtype).eps * sigma[0]
+    cols = slice(None, keep)
+    u = (m @ v[:, cols]) / torch.where(resolved, sigma, 1.0)[cols] * resolved[cols]
+    return u, torch.where(resolved, sigma, 0.0), v.T
 
 
 def _truncate(
@@ -223,7 +234,7 @@ def factor_content_value(
     """W_KV_down, W_K_up, W_V_up from the truncated SVD of M (svd), of M L un-whitened (asvd, x_whitener = L),
     or drawn at random (generator given). dc None: `auto_dc` of M's spectrum at `energy`."""
     m, key_scale = content_joint_matrix(wk_n, wv, x_whitener)
-    svd = _svd(m if x_whitener is None else m @ x_whitener)
+    svd = _svd(m if x_whitener is None else m @ x_whitener, keep=dc)
     dc = dc if dc is not None else auto_dc(svd[1], energy, wv.shape[1])
     if generator is not None:
         kv_down, k_up, v_up = _random_content_value(wk_n, wv, dc, generator)
@@ -276,7 +287,7 @@ def fold_query(
     wq, bq = attn["q.weight"].double()[query_rows], attn["q.bias"].double()[query_rows]
     if not q_rank:
         return folded, {"q.weight": wq, "q.bias": bq}
-    down, up = _truncate(_svd(wq if x_whitener is None else wq @ x_whitener), q_rank, x_whitener)
+    down, up = _truncate(_svd(wq if x_whitener is None else wq @ x_whitener, keep=q_rank), q_rank, x_whitener)
     return folded, {"q_down.weight": down, "q_up.weight": up, "q_up.bias": bq}
 
 

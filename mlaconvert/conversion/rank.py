@@ -105,7 +105,7 @@ def _rank_budgets(config: WanConfig) -> dict[str, int]:
 
 def _mla_layer(config: WanConfig, state_dict: Mapping[str, torch.Tensor], index: int, *, energy: float) -> dict[str, Any]:
     prefix = f"blocks.{index}.self_attn."
-    weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: state_dict[k] for k in state_dict if k.startswith(prefix)}
     mla = config.mla
     assert mla is not None
     return {
@@ -243,7 +243,7 @@ def analyze_source(
     out_dir = Path(out_dir)
     check_writable(out_dir, force)  # refuse before a possibly long download, not after it
     dev = choose_device(device)
-    checkpoint = load_source(source, config=config, head_dim=head_dim)
+    checkpoint = load_source(source, config=config, head_dim=head_dim, lazy=True)  # two tensors of a layer at a time
     with progress_bar() as progress:
         task = progress.add_task("spectra", total=checkpoint.config.num_layers)
         report = build_report(
