@@ -126,7 +126,7 @@ class Overlaid(Mapping[str, torch.Tensor]):
     untouched tensors stay wherever `base` keeps them (on disk, for a LazyStateDict)."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], drop: Callable[[str], bool], extra: Mapping[str, torch.Tensor]):
-        self._base, self._extra = base, dict(extra)
+        self._base, self._extra = base, extra
         self._keys = [k for k in base if not drop(k) and k not in self._extra] + list(self._extra)
         self._kept = set(self._keys)
 
@@ -145,6 +145,28 @@ class Overlaid(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+class Prefixed(Mapping[str, torch.Tensor]):
+    """Several state dicts as one, each under its prefix ({"blocks.0.self_attn.": layer 0's tensors, ...}); a
+    tensor is looked up in its own mapping only when asked for, and moved to the CPU."""
+
+    def __init__(self, parts: Mapping[str, Mapping[str, torch.Tensor]]):
+        self._where = {prefix + key: (part, key) for prefix, part in parts.items() for key in part}
+
+    def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        part, name = self._where[key]
+        return tensor_spec(part, name)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        part, name = self._where[key]
+        return part[name].detach().to("cpu").contiguous()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def tensor_spec(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:

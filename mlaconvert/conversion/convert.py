@@ -8,9 +8,12 @@ source's own tensor, untouched — measure the conversion on the calibration tok
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from mlaconvert import __version__
 from mlaconvert.checkpoints.formats import Checkpoint
-from mlaconvert.checkpoints.streaming import Overlaid, tensor_nbytes, total_numel
+from mlaconvert.checkpoints.streaming import LazyStateDict, Overlaid, Prefixed, tensor_nbytes, total_numel
 from mlaconvert.conversion.calibration import Calibration, calibrate, check_fits
 from mlaconvert.conversion.factorize import LayerFactors, factorize_layer
 from mlaconvert.conversion.spectra import mla_utilisation, truncation_at
@@ -103,8 +107,10 @@ def convert_model(
     *,
     device: torch.device | str = "cpu",
     on_step: Callable[[str, int, int], None] | None = None,
+    spill: Path | None = None,
 ) -> Conversion:
-    """Factorise every layer of a dense checkpoint. `on_step(stage, done, total)` reports progress."""
+    """Factorise every layer of a dense checkpoint. `on_step(stage, done, total)` reports progress. With `spill`,
+    a folder that must outlive the Conversion, each layer's factors go there as they are made (see `_spilled`)."""
     check_settings(settings, checkpoint.config)
     device = torch.device(device)
     seconds: dict[str, float] = {}
@@ -114,7 +120,7 @@ def convert_model(
         with _timed(seconds, "calibration"):
             calib = _calibrate(checkpoint, settings, device, notify)
     with _timed(seconds, "factorise"):
-        factors = _factorize_layers(checkpoint, settings, calib, device, notify)
+        factors = _factorize_layers(checkpoint, settings, calib, device, notify, spill)
     mla_config = _mla_config(checkpoint, settings, factors)
     with _timed(seconds, "measure"):
         layers = _layer_records(checkpoint, factors, mla_config, settings, calib, notify)
@@ -160,6 +166,7 @@ def _factorize_layers(
     calib: Calibration | None,
     device: torch.device,
     notify: Callable[[str, int, int], None],
+    spill: Path | None = None,
 ) -> list[LayerFactors]:
     config = checkpoint.config
     # One generator across the layers: a random init draws each layer's factors from where the last one stopped.
@@ -168,10 +175,11 @@ def _factorize_layers(
     for i, dc in enumerate(_layer_dcs(settings, config)):
         attn = {k: v.to(device) for k, v in _attn_weights(checkpoint.state_dict, i).items()}
         moment = calib.second_moments[i].to(device) if calib is not None and settings.init == "asvd" else None
-        factors.append(factorize_layer(
+        layer = factorize_layer(
             attn, num_heads=config.num_heads, dc=dc, rope_dim=settings.rope_dim, q_rank=settings.q_rank,
             init=settings.init, second_moment=moment, generator=generator, energy=settings.energy,
-        ))
+        )
+        factors.append(layer if spill is None else _spilled(layer, i, spill))
         notify("factorise", i + 1, config.num_layers)
     return factors
 
@@ -193,8 +201,16 @@ def _mla_config(checkpoint: Checkpoint, settings: ConvertSettings, factors: list
 
 def _mla_state_dict(state_dict: Mapping[str, torch.Tensor], factors: list[LayerFactors]) -> Mapping[str, torch.Tensor]:
     """The dense tensors outside self-attention, left where the source keeps them, and the factors."""
-    mla = {f"blocks.{i}.self_attn.{k}": v.detach().to("cpu").contiguous() for i, f in enumerate(factors) for k, v in f.weights.items()}
+    mla = Prefixed({f"blocks.{i}.self_attn.": f.weights for i, f in enumerate(factors)})
     return Overlaid(state_dict, lambda k: ".self_attn." in k, mla)
+
+
+def _spilled(factors: LayerFactors, layer: int, folder: Path) -> LayerFactors:
+    """The layer's factors written into `folder` and read back when needed: holding every layer's (a 14B model's
+    new queries alone are 2 GB) would make memory grow with the model."""
+    path = folder / f"layer-{layer:05d}.safetensors"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in factors.weights.items()}, str(path))
+    return dataclasses.replace(factors, weights=LazyStateDict.of_files(path))
 
 
 def _layer_records(
@@ -381,10 +397,15 @@ def convert_source(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done)
 
-        conversion = convert_model(checkpoint, settings, device=dev, on_step=on_step)
-        report = conversion_report(checkpoint, conversion, settings)
-    report["conversion"]["seconds"]["total"] = round(time.perf_counter() - start, 3)
-    report["conversion"]["device"] = str(dev)
-    report["export"] = str(output)
-    write_export(output, conversion.config, conversion.state_dict, report, force=force)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        spill = Path(tempfile.mkdtemp(prefix=f".{output.name}.factors-", dir=output.parent))
+        try:
+            conversion = convert_model(checkpoint, settings, device=dev, on_step=on_step, spill=spill)
+            report = conversion_report(checkpoint, conversion, settings)
+            report["conversion"]["seconds"]["total"] = round(time.perf_counter() - start, 3)
+            report["conversion"]["device"] = str(dev)
+            report["export"] = str(output)
+            write_export(output, conversion.config, conversion.state_dict, report, force=force)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
     return conversion, report

@@ -30,6 +30,7 @@ random), `fold_query` (permutation, norm_q, rope mix, low-rank query) and `rope_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -78,7 +79,7 @@ class ContentValue:
 class LayerFactors:
     """The MLA weights of one layer (native names under `self_attn.`) and what the factorisation measured."""
 
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # in memory, or read back from where convert spilled them
     rope_pairs: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
     kv_singular_values: torch.Tensor  # of the (weighted) balanced content joint matrix M, all of them
     key_scale: float

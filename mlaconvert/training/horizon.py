@@ -69,6 +69,8 @@ def horizon_check(teacher: WanModel, clips: Clips, settings: FinetuneSettings, a
     s = settings
     if not s.horizon_frames:
         return None
+    if s.horizon_frames <= s.sampler.chunk:
+        raise MlaconvertError(f"--horizon-frames {s.horizon_frames} leaves nothing to roll out after the first chunk ({s.sampler.chunk} frames)")
     truth = horizon_truth(teacher, s, clips)
     seed = derived_seed(s.seed, "horizon-noise", 0)
     eval_settings = EvalSettings(clips=truth.video.shape[0], frames=s.horizon_frames - s.sampler.chunk,
