@@ -242,7 +242,7 @@ def test_bad_inputs_are_one_line_errors(work: Path, tmp_path: Path) -> None:
         run(work, "e", dataclasses.replace(SMALL, batch=3, accumulate=2))
     with pytest.raises(MlaconvertError, match="own-context is a share"):
         run(work, "f", dataclasses.replace(SMALL, own_context=1.5))
-    with pytest.raises(MlaconvertError, match="leaves nothing to roll out"):
+    with pytest.raises(MlaconvertError, match="must reach past the training clip"):
         run(work, "g", dataclasses.replace(SMALL, horizon_frames=3))
 
 

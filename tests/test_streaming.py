@@ -51,6 +51,7 @@ def test_the_lazy_state_dict_knows_shapes_unread_and_reads_what_is_looked_up(tmp
     assert set(lazy) == set(eager) and total_numel(lazy) == sum(t.numel() for t in eager.values())
     for key, tensor in eager.items():
         assert tensor_spec(lazy, key) == (tensor.dtype, tuple(tensor.shape)) and torch.equal(lazy[key], tensor)
+    assert "head.head.weight" in lazy and "nothing" not in lazy
     renamed = lazy.renamed({"head.head.weight": "out.weight"})
     assert list(renamed) == ["out.weight"] and torch.equal(renamed["out.weight"], eager["head.head.weight"])
     # A converted state dict keeps the untouched tensors where they are, and drops what it replaces.

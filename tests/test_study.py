@@ -170,6 +170,10 @@ def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path
         study(world_model, tmp_path / "a", StudySettings(init=("svd", "pca")), device="cpu")
     with pytest.raises(MlaconvertError, match="lr_typo is not a"):
         study(world_model, tmp_path / "e", StudySettings(remedies={"longer": {"lr_typo": 1.0}}), device="cpu")
+    with pytest.raises(MlaconvertError, match="own_context = '0.5' should be a number"):
+        study(world_model, tmp_path / "e", StudySettings(remedies={"own": {"own_context": "0.5"}}), device="cpu")
+    with pytest.raises(MlaconvertError, match="same settings"):
+        study(world_model, tmp_path / "e", StudySettings(remedies={"a": {"lr": 1e-3}, "b": {"lr": 1e-3}}), device="cpu")
     with pytest.raises(MlaconvertError, match="auto"):
         study(world_model, tmp_path / "b", StudySettings(dc=("auto",)), device="cpu")
     (tmp_path / "c").mkdir()

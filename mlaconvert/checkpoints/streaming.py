@@ -15,6 +15,7 @@ import math
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,7 +23,9 @@ from safetensors import SafetensorError, safe_open
 from mlaconvert.errors import MlaconvertError
 
 DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
-          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32",
+          torch.uint64: "U64"}
 BY_NAME = {v: k for k, v in DTYPES.items()}
 
 
@@ -38,7 +41,9 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         for path, keys in by_file.items():
             with _opened(path) as f:
                 for key in keys:
-                    part = f.get_slice(self._sources[key][1])
+                    part = _read(path, lambda: f.get_slice(self._sources[key][1]))
+                    if part.get_dtype() not in BY_NAME:
+                        raise MlaconvertError(f"'{path}': tensor '{key}' has dtype {part.get_dtype()}, which mlaconvert cannot read")
                     self._specs[key] = (BY_NAME[part.get_dtype()], tuple(part.get_shape()))
 
     @classmethod
@@ -59,13 +64,24 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         path, name = self._sources[key]
         with _opened(path) as f:
-            return f.get_tensor(name)
+            return _read(path, lambda: f.get_tensor(name))
+
+    def __contains__(self, key: object) -> bool:  # the default would read the tensor
+        return key in self._sources
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)
 
     def __len__(self) -> int:
         return len(self._sources)
+
+
+def _read(path: Path, read: Callable[[], Any]) -> Any:
+    """A read from an open safetensors file, its failure one line (an index naming a tensor its shard lacks, say)."""
+    try:
+        return read()
+    except SafetensorError as e:
+        raise MlaconvertError(f"could not read '{path}': {e}") from e
 
 
 class _opened:
@@ -133,6 +149,9 @@ class Overlaid(Mapping[str, torch.Tensor]):
     def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return tensor_spec(self._extra if key in self._extra else self._base, key)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._kept
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self._extra:
             return self._extra[key]
@@ -161,6 +180,9 @@ class Prefixed(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         part, name = self._where[key]
         return part[name].detach().to("cpu").contiguous()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -375,7 +375,10 @@ def convert_source(
     head_dim: int = 128,
     device: str | None = None,
 ) -> tuple[Conversion, dict[str, Any]]:
-    """Load SOURCE, convert it, and write the export folder `output` (atomically; refuses to overwrite without force)."""
+    """Load SOURCE, convert it, and write the export folder `output` (atomically; refuses to overwrite without force).
+
+    The returned Conversion's config and layers stay valid; its tensors were read from folders that are gone once
+    the export is written (read the export instead)."""
     from mlaconvert.checkpoints.hub import load_source
     from mlaconvert.conversion.export import write_export
     from mlaconvert.devices import choose_device

@@ -104,8 +104,9 @@ def whitener(second_moment: torch.Tensor, n: int) -> Whitener:
 def _svd(m: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD in float64 (U with its first `keep` columns at least): directly where it is cheap (tests, small
     models); for Wan-size matrices from the eigenvectors of the n x n Gram MᵀM (0.47 s for a 1536-wide Wan-1.3B
-    layer on 2 CPU cores against 1.0 s for a float32 SVD). Its singular vectors are exact to float64 rounding for
-    σ above ~1e-7 σ₁, far below any dc's."""
+    layer on 2 CPU cores against 1.0 s for a float32 SVD). The Gram's eigenvalues carry rounding of n·eps·σ₁², so
+    σ is resolved above ~sqrt(n·eps)·σ₁ (6e-7 σ₁ at n = 1536) with relative error ~eps·(σ₁/σ)²: 1e-10 at 1e-3 σ₁,
+    far below any dc a model is converted at; the rank-r product U Σ Vᵀ = M V_r V_rᵀ is exact to rounding."""
     m = m.double()
     if m.numel() <= 2**21:
         return torch.linalg.svd(m, full_matrices=False)
@@ -113,7 +114,7 @@ def _svd(m: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.
     eigenvalues, v = eigenvalues.flip(0), v.flip(1)
     sigma = eigenvalues.clamp(min=0).sqrt()
     # U = M V / σ where σ is resolved; a column of an unresolved σ is 0, so it adds nothing at any rank.
-    resolved = sigma > m.shape[1] * torch.finfo(m.dtype).eps * sigma[0]
+    resolved = eigenvalues > m.shape[1] * torch.finfo(m.dtype).eps * eigenvalues[0]
     cols = slice(None, keep)
     u = (m @ v[:, cols]) / torch.where(resolved, sigma, 1.0)[cols] * resolved[cols]
     return u, torch.where(resolved, sigma, 0.0), v.T

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from mlaconvert.conversion.convert import INITS, ConvertSettings
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation.evaluate import EvalSettings, eval_source, write_eval
-from mlaconvert.fields import setting
+from mlaconvert.fields import check_types, setting
 from mlaconvert.outputs import atomic_file, check_writable, write_json
 from mlaconvert.training.finetune import FinetuneSettings
 
@@ -72,6 +72,10 @@ class StudySettings:
             unknown = sorted(set(overrides) - known)
             if unknown:
                 raise MlaconvertError(f"remedy '{name}': {', '.join(unknown)} is not a [finetune] setting")
+            check_types(FinetuneSettings, overrides, f"remedy '{name}'")  # now, not when its cell runs hours later
+        settings = [tuple(sorted(o.items())) for o in self.remedies.values()]
+        if len(set(settings)) < len(settings):
+            raise MlaconvertError("two remedies have the same settings: they would be one cell")
         if self.max_steps < 1 or self.workers < 1 or self.headline_steps < 0 or not 0 < self.headline_cache <= 1:
             raise MlaconvertError("--max-steps and --workers must be positive, --headline-steps at least 0 and --headline-cache in (0, 1]")
 

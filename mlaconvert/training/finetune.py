@@ -42,7 +42,7 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.config import WanConfig
 from mlaconvert.modeling.model import WanModel, load_model
 from mlaconvert.training.clips import Clips, training_clips
-from mlaconvert.training.finetune_settings import FinetuneSettings, check_settings
+from mlaconvert.training.finetune_settings import FinetuneSettings, check_sampler_fit, check_settings
 from mlaconvert.training.finetune_report import finetune_section, measure_student
 from mlaconvert.training.horizon import HorizonCheck, best_of, horizon_check, restore
 from mlaconvert.training.objective import (AttentionOutputs, autocast_for, chunk_timesteps, context_draw, distill_loss, held_out_loss,
@@ -291,6 +291,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
     student_ckpt, teacher_ckpt = load_pair(model, teacher)
     config, dev = student_ckpt.config, procs.device
     settings = settings.for_model(config)
+    check_sampler_fit(settings)
     # load_model keeps the given tensors on the CPU: train on copies (fp32 master weights).
     student = load_model(config, {k: v.to(torch.float32, copy=True) for k, v in student_ckpt.state_dict.items()}, device=dev)
     teacher_model = load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev,
@@ -301,7 +302,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
         return training_clips(settings, config, teacher_model, teacher_sha, Path(cache_dir or output / "data"), data=data,
                               prompts=prompts, encoder=encoder, device=dev, progress=progress)
 
-    def open_run() -> tuple[Clips, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    def open_run() -> tuple[Clips, dict[str, Any], dict[str, Any], list[dict[str, Any]], HorizonCheck | None]:
         if not resume:
             clear_output(output, products=(AGREEMENT_NAME,))
         made = clips()

@@ -13,7 +13,6 @@ from mlaconvert.modeling.config import WanConfig
 from mlaconvert.training.objective import TIMESTEP_MODES, TRAIN_MODES
 
 
-
 @dataclass
 class FinetuneSettings:
     """The [finetune] table of a recipe; CLI options override it."""
@@ -90,7 +89,6 @@ class FinetuneSettings:
         return {**flat, **sampler}
 
 
-
 def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
     """Every option problem is reported before any model is loaded."""
     s = settings
@@ -118,3 +116,15 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
         raise MlaconvertError(f"--own-context is a share of the batch in [0, 1] (got {s.own_context})")
     if s.lr <= 0 or s.grad_clip <= 0 or s.weight_decay < 0 or s.warmup < 0 or s.layer_loss_weight < 0:
         raise MlaconvertError("--lr and grad_clip must be positive; weight_decay, warmup and --layer-loss-weight non-negative")
+
+
+def check_sampler_fit(settings: FinetuneSettings) -> None:
+    """What needs the sampler resolved (`for_model`): checked before an earlier run is cleared or a model loaded."""
+    s = settings
+    assert s.sampler is not None, "call for_model first"
+    chunk = s.sampler.chunk
+    if s.horizon_frames and s.horizon_frames <= max(chunk, s.frames):
+        raise MlaconvertError(f"--horizon-frames {s.horizon_frames} must reach past the training clip (--frames {s.frames}) "
+                              f"and the first chunk ({chunk} frames)")
+    if s.own_context and s.frames <= chunk:
+        raise MlaconvertError(f"--own-context rolls out after the first chunk: --frames {s.frames} must exceed it ({chunk})")

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mlaconvert.errors import MlaconvertError
 from mlaconvert.inference.sampling import rollout
 from mlaconvert.evaluation.evaluate import EvalSettings, Truth, evaluate, world_truth
 from mlaconvert.modeling.model import WanModel
@@ -69,8 +68,6 @@ def horizon_check(teacher: WanModel, clips: Clips, settings: FinetuneSettings, a
     s = settings
     if not s.horizon_frames:
         return None
-    if s.horizon_frames <= s.sampler.chunk:
-        raise MlaconvertError(f"--horizon-frames {s.horizon_frames} leaves nothing to roll out after the first chunk ({s.sampler.chunk} frames)")
     truth = horizon_truth(teacher, s, clips)
     seed = derived_seed(s.seed, "horizon-noise", 0)
     eval_settings = EvalSettings(clips=truth.video.shape[0], frames=s.horizon_frames - s.sampler.chunk,
@@ -95,12 +92,3 @@ def restore(student: WanModel, best: dict[str, Any]) -> None:
     with torch.no_grad():
         for name, value in best["params"].items():
             named[name].copy_(value)
-
-
-def check_horizon_settings(settings: FinetuneSettings) -> None:
-    s = settings
-    if s.horizon_frames < 0 or s.horizon_clips < 1:
-        raise MlaconvertError("--horizon-frames must be at least 0 and horizon_clips at least 1")
-    if s.horizon_frames and s.horizon_frames <= s.frames:
-        raise MlaconvertError(f"--horizon-frames ({s.horizon_frames}) must reach past the training clip (--frames {s.frames})")
-
