@@ -116,3 +116,14 @@ def test_convert_memory_does_not_grow_with_the_model_and_its_export_is_what_memo
     exported = load_file(tmp_path / "small-mla" / "model.safetensors")
     assert exported.keys() == set(conversion.state_dict)
     assert all(torch.equal(exported[k], conversion.state_dict[k]) for k in exported)
+
+
+def test_a_killed_converts_spilled_factors_are_swept_by_the_next(tmp_path: Path) -> None:
+    from mlaconvert.conversion.convert import convert_source
+
+    stale = tmp_path / ".mla.factors-killed"
+    stale.mkdir()
+    (stale / "layer-00000.safetensors").write_bytes(b"left by a SIGKILL")
+    convert_source("builtin:tiny-wan", tmp_path / "mla", ConvertSettings(dc=16, rope_dim=16, measure=False))
+    assert (tmp_path / "mla" / "config.json").is_file()
+    assert not list(tmp_path.glob(".mla.factors-*"))  # neither the stale folder nor this run's spill is left

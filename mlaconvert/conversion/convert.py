@@ -401,6 +401,8 @@ def convert_source(
             progress.update(tasks[stage], completed=done)
 
         output.parent.mkdir(parents=True, exist_ok=True)
+        for stale in output.parent.glob(f".{output.name}.factors-*"):  # a killed convert's; claim_output made us the only writer
+            shutil.rmtree(stale, ignore_errors=True)
         spill = Path(tempfile.mkdtemp(prefix=f".{output.name}.factors-", dir=output.parent))
         try:
             conversion = convert_model(checkpoint, settings, device=dev, on_step=on_step, spill=spill)
