@@ -8,7 +8,9 @@ Regenerate the shipped files with `python -m mlaconvert.checkpoints.builtin`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,19 +43,20 @@ def builtin_path(name: str) -> Path:
 def make_tiny_wan(seed: int = 0, config: WanConfig = TINY_WAN) -> dict[str, torch.Tensor]:
     """Deterministic float32 weights for `config`, scaled like a trained model's so activations stay O(1)."""
     rng = np.random.default_rng(seed)
-    sd: dict[str, torch.Tensor] = {}
-    for key, shape in native_shapes(config).items():
-        noise = rng.standard_normal(shape)
-        if key.endswith("modulation"):
-            value = noise / np.sqrt(config.dim)  # Wan's own init of the modulation tables
-        elif ".norm" in key and key.endswith(".weight"):
-            value = 1.0 + 0.1 * noise
-        elif key.endswith(".bias"):
-            value = 0.02 * noise
-        else:
-            value = noise / np.sqrt(np.prod(shape[1:]))  # variance 1/fan_in keeps each layer's output scale
-        sd[key] = torch.from_numpy(value.astype(np.float32))
-    return sd
+    return {key: torch.from_numpy(scaled_like_trained(key, rng.standard_normal(shape)).astype(np.float32))
+            for key, shape in native_shapes(config).items()}
+
+
+def scaled_like_trained(key: str, noise: Any) -> Any:
+    """Standard normal `noise` (a numpy array or a tensor) for the tensor `key`, scaled as a trained Wan's are."""
+    shape = tuple(noise.shape)
+    if key.endswith("modulation"):
+        return noise / math.sqrt(shape[-1])  # Wan's own init of the modulation tables
+    if ".norm" in key and key.endswith(".weight"):
+        return 1.0 + 0.1 * noise
+    if key.endswith(".bias"):
+        return 0.02 * noise
+    return noise / math.sqrt(math.prod(shape[1:]))  # variance 1/fan_in keeps each layer's output scale
 
 
 def write_tiny_wan(folder: Path = BUILTIN_DIR / "tiny-wan") -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mlaconvert.checkpoints.builtin import scaled_like_trained
 from mlaconvert.checkpoints.formats import wan_config_to_diffusers
 from mlaconvert.checkpoints.naming import native_shapes, native_to_diffusers_keys
 from mlaconvert.checkpoints.streaming import shard_plan, write_safetensors
@@ -29,16 +30,7 @@ STEM = "diffusion_pytorch_model"
 def random_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """The tensor `key` of a random checkpoint: the same for the same (key, seed) whatever else is made."""
     generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little") >> 1)
-    noise = torch.randn(shape, generator=generator)
-    if key.endswith("modulation"):
-        noise /= math.sqrt(shape[-1])
-    elif ".norm" in key and key.endswith(".weight"):
-        noise = 1 + 0.1 * noise
-    elif key.endswith(".bias"):
-        noise *= 0.02
-    else:
-        noise /= math.sqrt(math.prod(shape[1:]))
-    return noise.to(dtype)
+    return scaled_like_trained(key, torch.randn(shape, generator=generator)).to(dtype)
 
 
 def write_random_checkpoint(config: WanConfig, folder: Path, *, layout: str = "wan", shard_bytes: int = 5 * 10**9,
