@@ -20,7 +20,7 @@ from mlaconvert.training.finetune import FinetuneSettings
 EVAL = EvalSettings(clips=2, frames=6, batch=2, edges=(6, 9), agreement_clips=1, strip_clips=1)
 FINETUNE = FinetuneSettings(batch=1, clips=3, held_out=1, frames=6, warmup=1, checkpoint_every=1, eval_every=10)
 GRID = StudySettings(dc=("4", "8"), init=("svd",), rope_dim=8, max_steps=2, headline_steps=3, headline_cache=0.4,
-                     remedies={"noisy context": {"context_noise": 0.2, "max_steps": 2}})
+                     remedies={"noisy context": {"context_noise": 0.2, "rope_dim": 12, "max_steps": 2}})
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,10 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
     assert {(r["init"], r["dc"]) for r in runs} == {(headline["init"], headline["dc"])} and headline["cache_fraction"] <= 0.4
     assert headline == min(runs, key=lambda r: (not r["reached"], not r["keeps_the_balls"], max(r["gaps_db"])))
     tuned = json.loads((out / runs[1]["folder"] / "finetuned" / "rank_report.json").read_text())
-    assert tuned["finetune"]["settings"]["context_noise"] == 0.2 and runs[1]["finetune_overrides"] == {"context_noise": 0.2}
+    assert tuned["finetune"]["settings"]["context_noise"] == 0.2
+    assert runs[1]["finetune_overrides"] == {"context_noise": 0.2, "rope_dim": 12}
+    # The remedy's rope_dim converts the cell again with that rope key: a larger cache than the grid's.
+    assert runs[1]["rope_dim"] == 12 and runs[1]["cache_fraction"] == pytest.approx((int(runs[1]["dc"]) + 12) / (2 * 48))
     kept = all(k >= d - 0.1 for k, d in zip(headline["after"]["count_kept"], saved["dense"]["count_kept"]))
     assert headline["keeps_the_balls"] == kept and headline["reached"] == (max(headline["gaps_db"]) <= 0.5 and kept)
     assert (headline["init"], headline["dc"]) == (headline_candidate(saved)["init"], headline_candidate(saved)["dc"])
@@ -75,7 +78,7 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
         assert f"| {row['init']} dc {row['dc']} |" in tables and after in tables
     assert " | ".join(f"{h['psnr_db']:.2f}" for h in saved["dense"]["horizons"]) in tables
     assert ("**reached**" if headline["reached"] else "**not reached**") in tables
-    assert "| noisy context (context_noise 0.2, 2 steps) |" in tables and "| headline fine-tune, 3 steps |" in tables
+    assert "| noisy context (context_noise 0.2, rope_dim 12, 2 steps) | 20.8% |" in tables and "| headline fine-tune, 3 steps |" in tables
 
 
 def _row(init: str, psnr: list[float], kept: list[float], cache: float = 0.05) -> dict:
@@ -172,6 +175,8 @@ def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path
         study(world_model, tmp_path / "e", StudySettings(remedies={"longer": {"lr_typo": 1.0}}), device="cpu")
     with pytest.raises(MlaconvertError, match="own_context = '0.5' should be a number"):
         study(world_model, tmp_path / "e", StudySettings(remedies={"own": {"own_context": "0.5"}}), device="cpu")
+    with pytest.raises(MlaconvertError, match="rope_dim = 16.0 should be"):
+        study(world_model, tmp_path / "e", StudySettings(remedies={"rope": {"rope_dim": 16.0}}), device="cpu")
     with pytest.raises(MlaconvertError, match="same settings"):
         study(world_model, tmp_path / "e", StudySettings(remedies={"a": {"lr": 1e-3}, "b": {"lr": 1e-3}}), device="cpu")
     with pytest.raises(MlaconvertError, match="auto"):

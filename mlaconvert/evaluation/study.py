@@ -37,6 +37,7 @@ from mlaconvert.training.finetune import FinetuneSettings
 
 SCHEMA = "mlaconvert.study/1"
 STRIP_TENSORS = "strip.safetensors"
+CONVERT_OVERRIDES = ("rope_dim",)  # the remedies' settings that change the conversion, not the fine-tune
 KEPT_TOLERANCE = 0.1  # a headline cell finds every ball in at most this share of frames fewer than dense
 
 
@@ -53,7 +54,8 @@ class StudySettings:
     workers: int = setting(1, "Cells run at once on each device (a small model leaves a GPU mostly idle).")
     margin_db: float = 0.5  # the headline's target: within this of dense in every horizon bucket
     # Other fine-tunes of the headline's (init, dc), each a name and [finetune] settings (max_steps included)
-    # that replace the recipe's: the remedies the study tries when the headline falls short.
+    # that replace the recipe's, or a rope_dim that converts it with another rope key: the remedies the study
+    # tries when the headline falls short.
     remedies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -69,10 +71,12 @@ class StudySettings:
                 raise MlaconvertError("--dc auto has no place in a grid: give the widths")
         known = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"sampler"}
         for name, overrides in self.remedies.items():
-            unknown = sorted(set(overrides) - known)
+            unknown = sorted(set(overrides) - known - set(CONVERT_OVERRIDES))
             if unknown:
-                raise MlaconvertError(f"remedy '{name}': {', '.join(unknown)} is not a [finetune] setting")
-            check_types(FinetuneSettings, overrides, f"remedy '{name}'")  # now, not when its cell runs hours later
+                raise MlaconvertError(f"remedy '{name}': {', '.join(unknown)} is not a [finetune] setting or rope_dim")
+            tuning = {k: v for k, v in overrides.items() if k not in CONVERT_OVERRIDES}
+            check_types(FinetuneSettings, tuning, f"remedy '{name}'")  # now, not when its cell runs hours later
+            check_types(ConvertSettings, {k: v for k, v in overrides.items() if k in CONVERT_OVERRIDES}, f"remedy '{name}'")
         settings = [tuple(sorted(o.items())) for o in self.remedies.values()]
         if len(set(settings)) < len(settings):
             raise MlaconvertError("two remedies have the same settings: they would be one cell")
@@ -96,7 +100,11 @@ class Cell:
         return f"{'headline-' if self.headline else ''}{self.init}-dc{self.dc.replace(',', '_')}{tried}"
 
     def finetune(self, settings: FinetuneSettings) -> FinetuneSettings:
-        return dataclasses.replace(settings, max_steps=self.steps, **dict(self.overrides))
+        tuning = {k: v for k, v in self.overrides if k not in CONVERT_OVERRIDES}
+        return dataclasses.replace(settings, max_steps=self.steps, **tuning)
+
+    def rope_dim(self, default: int) -> int:
+        return dict(self.overrides).get("rope_dim", default)
 
 
 @dataclass(frozen=True)
@@ -272,7 +280,7 @@ def run_cell(plan: Plan, cell: Cell, device: str | None, notify: Callable[[str, 
     if done.is_file():
         return json.loads(done.read_text())
     export, tuned = folder / "mla", folder / "finetuned"
-    if cell.headline:
+    if cell.headline and cell.rope_dim(plan.rope_dim) == plan.rope_dim:
         _reuse_grid_conversion(plan, cell, folder)
     if not (export / "config.json").is_file():
         notify(cell.name, "convert")
@@ -305,7 +313,7 @@ def _reuse_grid_conversion(plan: Plan, cell: Cell, folder: Path) -> None:
 def _convert_settings(plan: Plan, cell: Cell) -> ConvertSettings:
     from mlaconvert.recipes import parse_dc
 
-    return ConvertSettings(dc=parse_dc(cell.dc), rope_dim=plan.rope_dim, init=cell.init)
+    return ConvertSettings(dc=parse_dc(cell.dc), rope_dim=cell.rope_dim(plan.rope_dim), init=cell.init)
 
 
 def cell_record(cell: Cell, folder: Path, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -376,7 +384,8 @@ def headline_candidate(result: dict[str, Any]) -> dict[str, Any] | None:
 def _headline(cell: dict[str, Any], dense: dict[str, Any], settings: StudySettings) -> dict[str, Any]:
     gaps, kept = gaps_db(cell, dense), keeps_the_balls(cell, dense)
     return {**cell, "gaps_db": gaps, "target_db": settings.margin_db, "keeps_the_balls": kept,
-            "kept_tolerance": KEPT_TOLERANCE, "reached": max(gaps) <= settings.margin_db and kept}
+            "kept_tolerance": KEPT_TOLERANCE,
+            "reached": max(gaps) <= settings.margin_db and kept and cell["cache_fraction"] <= settings.headline_cache}
 
 
 def publish(plan: Plan, result: dict[str, Any]) -> None:

@@ -248,7 +248,7 @@ def _headline_lines(result: dict[str, Any]) -> list[str]:
             *((run_label(r), r) for r in result.get("headline_runs", []))]
     if len(runs) > 1:
         lines += [f"**What limits it.** Every fine-tune of {_label(cell)} the study ran: the gap to dense per bucket (dB).", ""]
-        lines += _table(["fine-tune", "seconds", *_buckets(dense["horizons"]), "balls kept", "reached"],
-                        [[name, f"{r['finetune_seconds']:.0f}", *(f"{g:+.2f}" for g in gaps_db(r, dense)),
+        lines += _table(["fine-tune", "cache", "seconds", *_buckets(dense["horizons"]), "balls kept", "reached"],
+                        [[name, f"{r['cache_fraction']:.1%}", f"{r['finetune_seconds']:.0f}", *(f"{g:+.2f}" for g in gaps_db(r, dense)),
                           _kept(r["after"]["count_kept"]), "yes" if _reached(r, result) else "no"] for name, r in runs])
     return lines
