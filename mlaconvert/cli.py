@@ -27,6 +27,7 @@ from mlaconvert.evaluation.study import StudySettings
 from mlaconvert.inference.bench import BenchSettings
 from mlaconvert.inference.sampling import SamplerOptions, SamplerSettings
 from mlaconvert.training.finetune import FinetuneSettings
+from mlaconvert.training.memory_plan import MemoryPlan
 from mlaconvert.training.pretrain import PretrainSettings
 
 app = typer.Typer(
@@ -170,7 +171,7 @@ def finetune(
     with _on_interrupt(left_behind):
         result = run_finetune(
             model, output, settings, teacher=teacher, data=data, prompts=prompt_list, encoder=encoder, cache_dir=cache_dir,
-            device=device, resume=resume, force=force,
+            device=device, resume=resume, force=force, on_plan=print_memory_plan,
         )
     if result.report is None:  # another process of a torchrun job: rank 0 reports
         return
@@ -183,6 +184,18 @@ def finetune(
     )
     out.print(f"wrote the fine-tuned export to {output} (with train_log.jsonl, loss.png, agreement.json)")
     _next(next_steps(output))
+
+
+def print_memory_plan(plan: MemoryPlan) -> None:
+    from rich.table import Table
+
+    where = f"each of {plan.processes} processes" if plan.processes > 1 else "the device"
+    table = Table(title=f"memory plan: what {where} will hold", title_justify="left")
+    table.add_column("")
+    table.add_column("GiB", justify="right")
+    for what, gib in plan.rows():
+        table.add_row(what, f"{gib:.2f}")
+    out.print(table)
 
 
 @app.command()

@@ -26,6 +26,28 @@ def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, mon
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_batch_out_of_memory_is_a_row_of_its_own_and_the_rest_still_runs(tmp_path, monkeypatch):
+    import torch
+
+    from mlaconvert.inference import bench
+
+    measure = bench._measure
+
+    def dense_runs_out_at_two(model, batch, *args):
+        if batch == 2 and not model.config.is_mla:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return measure(model, batch, *args)
+
+    monkeypatch.setattr(bench, "_measure", dense_runs_out_at_two)
+    settings = BenchSettings(preset="tiny", height=64, width=48, windows=(6,), chunks=(2,), batches=(1, 2), dc=32,
+                             rope_dim=16, timed_chunks=1, long_seconds=0)
+    report = run_bench(settings, device="cpu")
+    assert [(r["variant"], r["batch"], r.get("oom", False)) for r in report["rows"]] == [
+        ("dense", 1, False), ("dense", 2, True), ("mla", 1, False), ("mla", 2, False)]
+    _, png_path = write_bench(report, tmp_path)
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_mla_variant_uses_wans_leading_pairs_per_axis():
     config = mla_variant(TINY_WAN, 32, 16)
     assert config.mla.rope_pairs[0] == ((0, 1, 2, 3), (12, 13), (22, 23))  # head_dim 64: 12 frame, 10 row, 10 column pairs

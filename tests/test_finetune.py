@@ -57,7 +57,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path) -> None:
     settings = dataclasses.replace(SMALL, max_steps=30, warmup=3, checkpoint_every=10, eval_every=10)
-    result = run(work, "long", settings)
+    plans = []
+    result = run(work, "long", settings, on_plan=plans.append)
     out = work / "long"
 
     losses = [row["loss"] for row in result.log[1:]]
@@ -91,6 +92,16 @@ def test_distillation_closes_the_gap_and_trains_only_the_mla_tensors(work: Path)
     assert len(report["finetune"]["before"]["utilisation"]) == TINY_WAN.num_layers
     assert report["finetune"]["model_flops_per_step"] > 0
     assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoint" / "state.pt").is_file()
+
+    # The memory plan, heard before the first step and kept in the report, counts the tensors there are: float32
+    # on the CPU, the trained ones with a gradient and two AdamW moments each.
+    (plan,) = plans
+    assert report["finetune"]["memory_plan"] == plan.to_dict()
+    trained = sum(student[n].numel() for n in mla) * 4
+    assert (plan.student_trained, plan.gradients, plan.optimizer) == (trained, trained, 2 * trained)
+    assert plan.student_frozen == sum(t.numel() for n, t in student.items() if n not in mla) * 4
+    assert plan.teacher_weights == sum(t.numel() for t in load_source("builtin:tiny-wan").state_dict.values()) * 4
+    assert plan.activations > 0
 
 
 def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) -> None:

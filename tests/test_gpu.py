@@ -100,3 +100,31 @@ def test_compiled_flex_attention_trains_like_the_boolean_mask(tiny_mla):
         model(noisy, t, text, chunk_frames=2, clean=clean).pow(2).mean().backward()
         grads[backend] = model.blocks[0].self_attn.kv_down.weight.grad.clone()
     torch.testing.assert_close(grads["flex"], grads["sdpa"], atol=1e-4, rtol=1e-3)
+
+
+def test_the_memory_plan_of_a_finetune_is_within_15_percent_of_its_peak(tmp_path):
+    """A model big enough that activations and weights both count (dim 1024, 8 layers): the plan printed before
+    the first step against the peak the steps reach."""
+    from mlaconvert.checkpoints.builtin import make_tiny_wan
+    from mlaconvert.checkpoints.formats import save_native
+    from mlaconvert.conversion.convert import convert_source
+    from mlaconvert.modeling.config import WanConfig
+    from mlaconvert.training.finetune import FinetuneSettings, finetune
+
+    config = WanConfig(dim=1024, ffn_dim=4096, num_heads=8, num_layers=8, in_dim=16, out_dim=16, text_dim=64, text_len=16)
+    save_native(config, make_tiny_wan(0, config), tmp_path / "dense")
+    convert_source(str(tmp_path / "dense"), tmp_path / "mla", ConvertSettings(dc=128, rope_dim=32, measure=False), device="cuda")
+    plans = []
+    settings = FinetuneSettings(max_steps=3, batch=2, clips=4, held_out=2, frames=9, height=256, width=256, checkpoint_every=3)
+    result = finetune(str(tmp_path / "mla"), tmp_path / "ft", settings, teacher=str(tmp_path / "dense"), device="cuda",
+                      show_progress=False, on_plan=plans.append)
+    peak = result.report["finetune"]["peak_memory_gib"]
+    assert peak == pytest.approx(plans[0].total / 2**30, rel=0.15)
+    # The frozen tensors trained in bf16 beside float32 masters; the export keeps them as they were, bit for bit.
+    from mlaconvert.training.objective import mla_parameter_names
+
+    before, after = load_source(str(tmp_path / "mla")), load_source(str(tmp_path / "ft"))
+    trained = mla_parameter_names(before.config)
+    for name, tensor in before.state_dict.items():
+        assert after.state_dict[name].dtype == tensor.dtype, name
+        assert torch.equal(after.state_dict[name], tensor) != (name in trained), name

@@ -126,6 +126,27 @@ def test_spectra_and_balancing_match_numpy(rows_k: int, rows_v: int, cols: int) 
         np.testing.assert_allclose(ours.numpy(), reference, rtol=0, atol=1e-6 * reference[0])
 
 
+def test_large_spectra_on_the_cpu_run_in_float32_and_keep_what_the_report_reads(monkeypatch) -> None:
+    monkeypatch.setattr("mlaconvert.conversion.spectra.EXACT_ENTRIES", 64 * 96 - 1)  # these weights count as large
+    solved = []
+    eigvalsh = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda gram: solved.append(gram.dtype) or eigvalsh(gram))
+    rng = np.random.default_rng(6)
+    w_k = 2.0 * rng.standard_normal((64, 96)) * np.geomspace(1, 1e-4, 96)
+    w_v = rng.standard_normal((64, 96)) * np.geomspace(1, 1e-2, 96)
+    spectra = layer_spectra(torch.from_numpy(w_k), torch.from_numpy(w_v), device=CPU)
+    reference = numpy_svals(np.vstack([spectra.key_scale * w_k, w_v]))
+    assert solved == [torch.float32] * 3
+    # Every singular value is kept, the smallest (below 1e-3 σ_1) included: nothing real falls under the rounding bound.
+    assert (spectra.k > 0).all() and (spectra.kv > 0).all()
+    # float32 Grams: squared singular values to ~n eps32 of σ_1², so effective ranks and errors at dc to 1e-4.
+    np.testing.assert_allclose(spectra.kv.numpy() ** 2, reference**2, rtol=0, atol=1e-5 * reference[0] ** 2)
+    for energy in (0.9, 0.99):
+        assert effective_rank(spectra.kv.numpy(), energy) == effective_rank(reference, energy)
+    for dc in (8, 32):
+        assert truncation_at(spectra.kv.numpy(), dc) == pytest.approx(truncation_at(reference, dc), abs=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_spectra_match_numpy() -> None:

@@ -13,7 +13,7 @@ from mlaconvert.checkpoints.formats import save_native
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation import world
 from mlaconvert.evaluation.evaluate import EvalSettings, run_eval
-from mlaconvert.evaluation.study import StudySettings, gaps_db, headline_candidate, study
+from mlaconvert.evaluation.study import StudySettings, gaps_db, headline_candidate, reaches, study
 from mlaconvert.modeling.config import SamplerDefaults, WanConfig
 from mlaconvert.training.finetune import FinetuneSettings
 
@@ -64,7 +64,7 @@ def test_the_study_holds_every_cell_the_dense_row_and_the_headline(finished):
     assert headline == min(runs, key=lambda r: (not r["reached"], not r["keeps_the_balls"], max(r["gaps_db"])))
     tuned = json.loads((out / runs[1]["folder"] / "finetuned" / "rank_report.json").read_text())
     assert tuned["finetune"]["settings"]["context_noise"] == 0.2
-    assert runs[1]["finetune_overrides"] == {"context_noise": 0.2, "rope_dim": 12}
+    assert runs[1]["overrides"] == {"context_noise": 0.2, "rope_dim": 12}
     # The remedy's rope_dim converts the cell again with that rope key: a larger cache than the grid's.
     assert runs[1]["rope_dim"] == 12 and runs[1]["cache_fraction"] == pytest.approx((int(runs[1]["dc"]) + 12) / (2 * 48))
     kept = all(k >= d - 0.1 for k, d in zip(headline["after"]["count_kept"], saved["dense"]["count_kept"]))
@@ -168,6 +168,16 @@ def test_cells_shared_among_worker_processes_are_the_cells_of_one_process(world_
     assert again == []
 
 
+def test_a_run_over_the_cache_cap_does_not_reach_the_headline_however_close() -> None:
+    dense = {"horizons": [{"psnr_db": 10.0}, {"psnr_db": 9.0}], "count_kept": [0.5, 0.4]}
+    cell = {"after": {"horizons": [{"psnr_db": 9.8}, {"psnr_db": 9.1}], "count_kept": [0.45, 0.4]}, "cache_fraction": 0.2}
+    assert reaches(cell, dense, margin_db=0.5, cache_cap=0.25)
+    assert not reaches(cell, dense, margin_db=0.5, cache_cap=0.1)
+    assert not reaches(cell, dense, margin_db=0.1, cache_cap=0.25)  # 0.2 dB below dense in the first bucket
+    lost = {**cell, "after": {**cell["after"], "count_kept": [0.2, 0.4]}}
+    assert not reaches(lost, dense, margin_db=0.5, cache_cap=0.25)  # balls lost
+
+
 def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path):
     with pytest.raises(MlaconvertError, match="choose from"):
         study(world_model, tmp_path / "a", StudySettings(init=("svd", "pca")), device="cpu")
@@ -177,6 +187,8 @@ def test_bad_studies_are_refused_before_any_work(world_model, finished, tmp_path
         study(world_model, tmp_path / "e", StudySettings(remedies={"own": {"own_context": "0.5"}}), device="cpu")
     with pytest.raises(MlaconvertError, match="rope_dim = 16.0 should be"):
         study(world_model, tmp_path / "e", StudySettings(remedies={"rope": {"rope_dim": 16.0}}), device="cpu")
+    with pytest.raises(MlaconvertError, match="remedy 'rope': --rope-dim 26 is larger than the head dim 24"):
+        study(world_model, tmp_path / "e", StudySettings(remedies={"rope": {"rope_dim": 26}}), device="cpu")
     with pytest.raises(MlaconvertError, match="same settings"):
         study(world_model, tmp_path / "e", StudySettings(remedies={"a": {"lr": 1e-3}, "b": {"lr": 1e-3}}), device="cpu")
     with pytest.raises(MlaconvertError, match="auto"):

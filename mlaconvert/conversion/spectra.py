@@ -27,6 +27,8 @@ from numpy.typing import ArrayLike
 from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 
+EXACT_ENTRIES = 2**21  # weights up to this size (tests, small models) get float64 spectra on any device
+
 
 @dataclass(frozen=True)
 class LayerSpectra:
@@ -52,13 +54,23 @@ def key_scale(w_k: torch.Tensor, w_v: torch.Tensor) -> float:
     return float(norm_v / norm_k)
 
 
+def spectrum_dtype(numel: int, device: torch.device) -> torch.dtype:
+    """float64, except for a large matrix on the CPU: there a 5120-wide (Wan-14B) layer's two Grams and three
+    eigvalsh take 18 s in float64 and 7 s in float32, a convert's largest cost after the factorisation. In
+    float32 the squared singular values carry errors of ~n*eps*σ_1² (5e-7 σ_1² measured on a random 5120-wide
+    layer), far below the two decimals the report's effective ranks and errors at dc are read to."""
+    return torch.float32 if device.type == "cpu" and numel > EXACT_ENTRIES else torch.float64
+
+
 def layer_spectra(w_k: torch.Tensor, w_v: torch.Tensor, device: torch.device | None = None) -> LayerSpectra:
     """Spectra of W_K, W_V and [s*W_K; W_V] (both `out x in`, sharing the input dim) with s = key_scale."""
     if w_k.ndim != 2 or w_v.ndim != 2 or w_k.shape[1] != w_v.shape[1]:
         raise MlaconvertError(f"W_K {tuple(w_k.shape)} and W_V {tuple(w_v.shape)} must be matrices on the same input")
     s = key_scale(w_k, w_v)
-    k = w_k.to(device or choose_device(None), torch.float64)
-    v = w_v.to(k.device, torch.float64)
+    device = device or choose_device(None)
+    dtype = spectrum_dtype(max(w_k.numel(), w_v.numel()), device)
+    k = w_k.to(device, dtype)
+    v = w_v.to(device, dtype)
     gram_k, gram_v = k.T @ k, v.T @ v
     # The joint Gram is a sum of the blocks' Grams, so the third spectrum costs no extra matmul.
     return LayerSpectra(
@@ -70,7 +82,8 @@ def layer_spectra(w_k: torch.Tensor, w_v: torch.Tensor, device: torch.device | N
 
 
 def _spectrum_from_gram(gram: torch.Tensor, rank_budget: int) -> torch.Tensor:
-    """Singular values of W (descending, float64, on the CPU) from the eigenvalues of its Gram matrix WᵀW.
+    """Singular values of W (descending, float64, on the CPU) from the eigenvalues of its Gram matrix WᵀW
+    (float64, or float32 as spectrum_dtype chooses).
 
     Measured on one Wan-1.3B layer (three 1536-wide spectra), this beats an SVD of W on both devices: 0.5 s on
     2 CPU cores against 0.8 s for float32 `svdvals`, and 52 ms on an H200 against 319 ms for float32 `svdvals`,
@@ -80,9 +93,11 @@ def _spectrum_from_gram(gram: torch.Tensor, rank_budget: int) -> torch.Tensor:
     """
     eigenvalues = torch.linalg.eigvalsh(gram).flip(0)[:rank_budget].clamp(min=0)
     # Rounding leaves eigenvalues of order n*eps*λ_max where the true value is 0; calling those 0 lets a
-    # rank-deficient matrix report its rank.
-    tolerance = gram.shape[0] * torch.finfo(gram.dtype).eps * eigenvalues[0]
-    return torch.where(eigenvalues > tolerance, eigenvalues, 0.0).sqrt().cpu()
+    # rank-deficient matrix report its rank. The bound is float64's whatever the Gram's dtype: float32's would
+    # zero every σ below ~2.5% of σ_1 of a 5120-wide layer, real ones included; its rounding noise left in their
+    # place carries ~1e-7 of σ_1² each, nothing a 99% energy or an error at dc can see.
+    tolerance = gram.shape[0] * torch.finfo(torch.float64).eps * eigenvalues[0]
+    return torch.where(eigenvalues > tolerance, eigenvalues, 0.0).double().sqrt().cpu()
 
 
 def effective_rank(sigma: ArrayLike, energy: float) -> int:

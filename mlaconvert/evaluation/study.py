@@ -32,6 +32,7 @@ from mlaconvert.conversion.convert import INITS, ConvertSettings
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation.evaluate import EvalSettings, eval_source, write_eval
 from mlaconvert.fields import check_types, setting
+from mlaconvert.modeling.rope import rope_quota
 from mlaconvert.outputs import atomic_file, check_writable, write_json
 from mlaconvert.training.finetune import FinetuneSettings
 
@@ -145,6 +146,12 @@ def study(
         raise MlaconvertError(f"'{model}' is already an MLA model: a study starts from the dense one")
     plan = Plan(model, Path(output), settings, finetune or FinetuneSettings(), evaluation,
                 settings.rope_dim if settings.rope_dim is not None else config.head_dim // 4)
+    for name, overrides in settings.remedies.items():
+        if "rope_dim" in overrides:  # now, not when the remedy's cell converts hours later
+            try:
+                rope_quota(config.head_dim, overrides["rope_dim"])
+            except MlaconvertError as error:
+                raise MlaconvertError(f"remedy '{name}': {error}") from None
     _claim(plan, force)
     notify = on_stage or (lambda _cell, _stage: None)
     dense = _dense(plan, device, notify)
@@ -326,7 +333,7 @@ def cell_record(cell: Cell, folder: Path, before: dict[str, Any], after: dict[st
     return {
         "init": cell.init,
         "dc": cell.dc,
-        **({"remedy": cell.remedy, "finetune_overrides": dict(cell.overrides)} if cell.remedy else {}),
+        **({"remedy": cell.remedy, "overrides": dict(cell.overrides)} if cell.remedy else {}),
         "rope_dim": converted["cache"]["rope_dim"],
         "values_per_token": cache["mla_values_per_token_all_layers"],
         "cache_fraction": cache["mla_values_per_token_all_layers"] / cache["dense_values_per_token_all_layers"],
@@ -357,7 +364,9 @@ def assemble(plan: Plan, dense: dict[str, Any]) -> dict[str, Any]:
         done = [plan.output / "cells" / c.name / "cell.json" for c in headline_cells(plan.study, best["init"], best["dc"])]
         runs = [_headline(json.loads(path.read_text()), dense, plan.study) for path in done if path.is_file()]
         result["headline_runs"] = runs
-        result["headline"] = min(runs, key=lambda c: (not c["reached"], not c["keeps_the_balls"], max(c["gaps_db"])), default=None)
+        cap = plan.study.headline_cache
+        result["headline"] = min(runs, key=lambda c: (not c["reached"], c["cache_fraction"] > cap, not c["keeps_the_balls"], max(c["gaps_db"])),
+                                 default=None)
     return {**result, "settings": {**result["settings"], "remedies": plan.study.remedies}}
 
 
@@ -381,11 +390,15 @@ def headline_candidate(result: dict[str, Any]) -> dict[str, Any] | None:
     return min(fits, key=lambda c: (not keeps_the_balls(c, dense), max(gaps_db(c, dense))), default=None)
 
 
+def reaches(cell: dict[str, Any], dense: dict[str, Any], margin_db: float, cache_cap: float) -> bool:
+    """The headline's test, for any cell: within the margin of dense in every bucket, keeping the balls, at a
+    cache within the cap."""
+    return max(gaps_db(cell, dense)) <= margin_db and keeps_the_balls(cell, dense) and cell["cache_fraction"] <= cache_cap
+
+
 def _headline(cell: dict[str, Any], dense: dict[str, Any], settings: StudySettings) -> dict[str, Any]:
-    gaps, kept = gaps_db(cell, dense), keeps_the_balls(cell, dense)
-    return {**cell, "gaps_db": gaps, "target_db": settings.margin_db, "keeps_the_balls": kept,
-            "kept_tolerance": KEPT_TOLERANCE,
-            "reached": max(gaps) <= settings.margin_db and kept and cell["cache_fraction"] <= settings.headline_cache}
+    return {**cell, "gaps_db": gaps_db(cell, dense), "target_db": settings.margin_db, "keeps_the_balls": keeps_the_balls(cell, dense),
+            "kept_tolerance": KEPT_TOLERANCE, "reached": reaches(cell, dense, settings.margin_db, settings.headline_cache)}
 
 
 def publish(plan: Plan, result: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlaconvert.evaluation.evaluate import strip_columns, write_strip
-from mlaconvert.evaluation.study import gaps_db, keeps_the_balls
+from mlaconvert.evaluation.study import gaps_db, reaches
 
 INIT_COLOURS = {"svd": "C0", "asvd": "C2", "random": "C3"}
 
@@ -223,14 +223,13 @@ def run_label(cell: dict[str, Any]) -> str:
     """A headline run's name: its remedy and what it changed, or the recipe's own fine-tune."""
     if not cell.get("remedy"):
         return f"headline fine-tune, {cell['finetune_steps']} steps"
-    changed = ", ".join(f"{k} {v}" for k, v in cell["finetune_overrides"].items())
+    changed = ", ".join(f"{k} {v}" for k, v in cell["overrides"].items())
     return f"{cell['remedy']} ({changed}{', ' if changed else ''}{cell['finetune_steps']} steps)"
 
 
 def _reached(cell: dict[str, Any], result: dict[str, Any]) -> bool:
-    """The headline's test, for any cell: within the margin of dense in every bucket, keeping the balls."""
-    dense = result["dense"]
-    return max(gaps_db(cell, dense)) <= result["settings"]["study"]["margin_db"] and keeps_the_balls(cell, dense)
+    study = result["settings"]["study"]
+    return reaches(cell, result["dense"], study["margin_db"], study["headline_cache"])
 
 
 def _headline_lines(result: dict[str, Any]) -> list[str]:

@@ -255,7 +255,8 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
     from mlaconvert.outputs import atomic_file
 
     rows = [r for r in report["rows"] if not r.get("oom")]
-    labels = sorted({(r["window"], r["chunk"], r["batch"]) for r in rows})
+    labels = sorted({(r["window"], r["chunk"], r["batch"]) for r in report["rows"]})
+    oom = {(r["variant"], (r["window"], r["chunk"], r["batch"])) for r in report["rows"] if r.get("oom")}
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     axes = fig.subplots(1, 3)
     metrics = [("fps", "video frames / s"), ("peak_memory_gib", "peak GPU memory (GiB)"), ("cache_mib", "KV cache (MiB)")]
@@ -264,11 +265,15 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         for offset, variant in ((-width / 2, "dense"), (width / 2, "mla")):
             values = [next((r[metric] or 0 for r in rows if r["variant"] == variant and (r["window"], r["chunk"], r["batch"]) == key), 0) for key in labels]
             ax.bar([i + offset for i in range(len(labels))], values, width, label=variant)
+            for i, key in enumerate(labels):
+                if (variant, key) in oom:  # an empty slot would read as zero
+                    ax.text(i + offset, 0, "out of\nmemory", ha="center", va="bottom", fontsize=8, rotation=90)
         ax.set_xticks(range(len(labels)), [f"w{w} c{c} b{b}" for w, c, b in labels])
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
         ax.legend()
-    fig.suptitle(f"mlaconvert bench: {report['device']}, {report['settings']['height']}x{report['settings']['width']}")
+    settings = report["settings"]
+    fig.suptitle(f"mlaconvert bench: {settings['preset']} on {report['device']}, {settings['height']}x{settings['width']}")
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
 

@@ -9,6 +9,7 @@ The pieces it is made of:
     finetune_report.py  teacher agreement and rank utilisation before and after, and the report's finetune section
     finetune_settings.py  the settings and their checks
     horizon.py       the long-horizon check at the checkpoints, and the best checkpoint the export keeps
+    memory_plan.py   what each process will hold (weights, gradients, optimizer, activations), before the first step
 
 The output folder is the run and the export at once:
     OUT/train_log.jsonl   one row per optimizer step; `eval_loss` at step 0, every `eval_every` steps and the end;
@@ -28,6 +29,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,9 @@ from mlaconvert.training.clips import Clips, training_clips
 from mlaconvert.training.finetune_settings import FinetuneSettings, check_sampler_fit, check_settings
 from mlaconvert.training.finetune_report import finetune_section, measure_student
 from mlaconvert.training.horizon import HorizonCheck, best_of, horizon_check, restore
+from mlaconvert.training.memory_plan import MemoryPlan, memory_plan
 from mlaconvert.training.objective import (AttentionOutputs, autocast_for, chunk_timesteps, context_draw, distill_loss, held_out_loss,
-                                           noised, own_continuation, set_trainable)
+                                           noised, own_continuation, set_trainable, trainable_names)
 from mlaconvert.outputs import write_json
 from mlaconvert.training.processes import Processes, processes
 from mlaconvert.training.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
@@ -194,6 +197,18 @@ class Trainer:
         """The objective on the held-out clips with the run's fixed draw (see `held_out_loss`)."""
         return held_out_loss(self.student, self.teacher, self.clips, self.settings, self.procs.device, self.procs.world)
 
+    def memory_plan(self) -> MemoryPlan:
+        """What this process will hold once training runs, from the clips' size and the trained tensors."""
+        s, procs, cfg = self.settings, self.procs, self.student.config
+        frame_tokens = self.clips.latents[0, 0, 0].numel() // (cfg.patch_size[1] * cfg.patch_size[2])
+        frames = self.clips.latents.shape[2] // cfg.patch_size[0]
+        rows = s.batch // procs.world // s.accumulate
+        # The rollout's cache takes the dtype of the student's first tensor, as the sampler does.
+        own = (min(rows, round(s.own_context * s.batch)), s.sampler.window * frame_tokens, next(self.student.parameters()).dtype.itemsize)
+        return memory_plan(cfg, self.teacher.config, self.trained, clip_tokens=2 * frames * frame_tokens, rows=rows,
+                           dtype_bytes=default_dtype(procs.device).itemsize, processes=procs.world,
+                           checkpointing=s.gradient_checkpointing, layer_outputs=s.layer_loss_weight > 0, rollout=own)
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the trained weights, the optimizer and schedule, and the position in the data."""
         return {
@@ -229,12 +244,14 @@ def finetune(
     force: bool = False,
     stop_after: int | None = None,
     show_progress: bool = True,
+    on_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> FinetuneResult:
     """Distil the MLA export `model` from its dense teacher and write the fine-tuned export into `output`.
 
     Under torchrun (WORLD_SIZE > 1) every process calls this; each takes its rows of the global batch and only
     rank 0 writes. `stop_after` ends the run after that many steps without exporting, as a kill would (the
-    checkpoints written so far stay): for time-boxed jobs and for testing --resume.
+    checkpoints written so far stay): for time-boxed jobs and for testing --resume. `on_plan` hears, on rank 0,
+    what each process will hold in memory, before the first step.
     """
     from rich.progress import TextColumn
 
@@ -248,6 +265,10 @@ def finetune(
             with progress:
                 run = _start(model, output, settings, procs, progress, teacher=teacher, data=data, prompts=prompts,
                              encoder=encoder, cache_dir=cache_dir, resume=resume, force=force)
+                if on_plan is not None and procs.main:
+                    on_plan(run.trainer.memory_plan())
+                if procs.device.type == "cuda":  # the steps' peak, not loading's or the clips' generation's
+                    torch.cuda.reset_peak_memory_stats(procs.device)
                 done = _train(run, progress, stop_after)
             if not done:
                 rows = training_rows(run.rows)
@@ -292,8 +313,11 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
     config, dev = student_ckpt.config, procs.device
     settings = settings.for_model(config)
     check_sampler_fit(settings)
-    # load_model keeps the given tensors on the CPU: train on copies (fp32 master weights).
-    student = load_model(config, {k: v.to(torch.float32, copy=True) for k, v in student_ckpt.state_dict.items()}, device=dev)
+    # The trained tensors get float32 master copies (load_model keeps given tensors on the CPU: train on copies);
+    # the frozen ones stay in the compute dtype, which at 14B saves the 28 GB a float32 copy of them would take.
+    trained = set(trainable_names(config, list(student_ckpt.state_dict), settings.train))
+    student = load_model(config, {k: v.to(torch.float32, copy=True) if k in trained else v.to(default_dtype(dev))
+                                  for k, v in student_ckpt.state_dict.items()}, device=dev)
     teacher_model = load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev,
                                dtype=default_dtype(dev))
     teacher_sha = weights_sha256(teacher_ckpt.files) or ""
@@ -389,8 +413,9 @@ def _export(run: RunState) -> dict[str, Any]:
     if run.best is not None:
         restore(trainer.student, run.best)
     after = measure_student(trainer.student, trainer.teacher, trainer.clips, trainer.settings, trainer.autocast)
-    dtypes = {k: v.dtype for k, v in run.student.state_dict.items()}
-    state = {k: v.detach().to("cpu", dtypes[k]) for k, v in trainer.student.state_dict().items()}
+    # Trained tensors from the model; the frozen ones as loaded, which the compute dtype may have rounded.
+    loaded, trained = run.student.state_dict, set(trainer.trained)
+    state = {k: v.detach().to("cpu", loaded[k].dtype) if k in trained else loaded[k] for k, v in trainer.student.state_dict().items()}
     report = build_report(config, state, source_info=run.student.info)
     for entry, utilisation in zip(report["layers"], after["utilisation"], strict=True):
         entry["mla"]["utilisation"] = utilisation

@@ -70,6 +70,8 @@ def finetune_section(run: RunState, after: dict[str, Any]) -> dict[str, Any]:
         "final_loss": rows[-1]["loss"] if rows else None,
         "eval_loss": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in run.rows if "eval_loss" in r],
         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in tail])) if tail else None,
+        "memory_plan": trainer.memory_plan().to_dict(),
+        "peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
         "model_flops_per_step": settings.batch * count_step_flops(trainer.student.config, settings, clip_size[0], clip_size[1:]),
         "before": run.before,
         "after": after,
