@@ -20,6 +20,8 @@ def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, mon
     assert rows["dense"]["cached_values_per_token"] == 2 * TINY_WAN.dim and rows["mla"]["cached_values_per_token"] == 48
     assert report["ratios"]["w6/c2/b1"]["cache"] == pytest.approx(48 / 384)
     assert set(report["long_rollout"]) >= {"dense", "mla"}
+    # The fastest dense path caches its keys rotated; the latent cache keeps its rope key unrotated.
+    assert report["paths"]["dense"]["keys_cached_rotated"] and not report["paths"]["mla"]["keys_cached_rotated"]
     assert "bench 6/6" in capsys.readouterr().err  # 2 variants x (batches 1, 2 + the long rollout)
     json_path, png_path = write_bench(report, tmp_path)
     assert json.loads(json_path.read_text())["schema"] == "mlaconvert.bench/1"

@@ -97,17 +97,23 @@ def test_ring_buffer_keeps_sink_and_last_frames_with_their_positions(models):
     assert step.query_positions[:, 0].tolist() == [3, 4]
 
 
-def test_reindexed_positions_equal_absolute_until_the_window_slides(models):
-    model = models["mla"]
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_reindexed_positions_equal_absolute_until_the_window_slides(models, kind):
+    """Bit for bit, although with absolute positions the dense cache keeps its keys rotated at write and the
+    reindexed one rotates them at every read."""
+    model = models[kind]
     x, text = clip(1)
     t = torch.full((2, FRAMES), 250.0)
-    outs = {}
+    outs, caches = {}, {}
     with torch.no_grad():
         for mode in ("absolute", "reindex"):
-            cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES, positions=mode)
+            cache = caches[mode] = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=FRAMES, positions=mode)
             outs[mode] = [model(x[:, :, s : s + CHUNK], t[:, :CHUNK], text, cache=cache.step(CHUNK, commit=True)) for s in range(0, FRAMES, CHUNK)]
     for a, b in zip(outs["absolute"], outs["reindex"]):
         assert torch.equal(a, b)
+    stored = [[torch.equal(a, b) for a, b in zip(*layers)] for layers in zip(caches["absolute"].layers, caches["reindex"].layers)]
+    # Dense: the same values, but the keys (first entry) stored rotated; latent: the same entries either way.
+    assert stored == ([[False, True]] if kind == "dense" else [[True, True]]) * model.config.num_layers
 
 
 def test_cache_rejects_bad_windows(models):

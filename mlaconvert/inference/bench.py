@@ -116,6 +116,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     rows: list[dict[str, Any]] = []
     streams: dict[str, Any] = {}
     long: dict[str, Any] = {}
+    paths: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
@@ -129,6 +130,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
             model = random_model(configs[variant], dev, default_dtype(dev), settings.seed)
             if settings.compile:
                 model.compile_blocks()
+            paths[variant] = _sampler_path(model, settings)
             for window in settings.windows:
                 for chunk in settings.chunks:
                     sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
@@ -152,6 +154,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "torch": torch.__version__,
         "settings": {**settings.__dict__},
         "mode": "torch.compile (dynamic) of every block, both variants" if settings.compile else "eager PyTorch, both variants",
+        "paths": paths,
         "rows": rows,
         "streams_in_budget": streams,
         "long_rollout": long,
@@ -159,6 +162,15 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     }
     report["ratios"] = _ratios(report)
     return report
+
+
+def _sampler_path(model: WanModel, settings: BenchSettings) -> dict[str, Any]:
+    """The optimisations a variant's rollouts use, so that the ratio's fairness can be read off the report."""
+    return {
+        "cache": "+".join(f"{w}" for w in model.blocks[0].self_attn.cache_widths()) + " values per token and layer",
+        "keys_cached_rotated": model.blocks[0].self_attn.rotates_at_write,  # the rollouts' positions are absolute
+        "compiled_blocks": settings.compile,
+    }
 
 
 def _measure_batches(

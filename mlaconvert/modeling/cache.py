@@ -130,6 +130,10 @@ class _LayerView:
     step: CacheStep
     index: int
 
+    @property
+    def fixed_positions(self) -> bool:
+        return self.step.cache.positions == "absolute"
+
     def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         stored = self.step.cache.layers[self.index]
         for buf, e in zip(stored, entries):

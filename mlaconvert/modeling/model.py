@@ -8,8 +8,9 @@ Parameter names are Wan's native ones, so a native state dict loads as is. Shape
     blocks: x += self_attn(mod(norm1 x)) * gate; x += cross_attn(norm3 x, context); x += ffn(mod(norm2 x)) * gate
     head: modulated norm, linear, unpatchify -> flow prediction (B, C, F, H, W)
 
-Self-attention sees the world through three methods, which is all a KV cache needs:
+Self-attention sees the world through these methods, which is all a KV cache needs:
     entries(x)                 -> the per-token tensors a cache stores (dense: k, v; MLA: latent c, rope key r)
+    rotate_entries(e, pos)     -> the same, rotated once at write when positions stay fixed (dense only)
     keys_values(entries, pos)  -> per-head K, V (rotated at the positions the cache assigns)
     queries(x, pos)            -> per-head Q
 The residual stream and all modulation run in float32 as in Wan; linear layers run in the weights' dtype.
@@ -35,6 +36,10 @@ from mlaconvert.modeling.rope import Rotary, grid_positions, leading_rope_pairs
 
 class LayerKV(Protocol):
     """One layer's view of a KV cache for the current forward."""
+
+    # True when a cached token keeps its RoPE position for as long as it is cached (absolute positions): an
+    # attention may then store its keys rotated once, at write, instead of rotating the whole window each forward.
+    fixed_positions: bool
 
     def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Return (cached + new entries, their RoPE positions); store the new ones if this forward commits."""
@@ -100,11 +105,18 @@ class Attention(nn.Module):
     num_heads: int
     head_dim: int
     o: Linear
+    rotates_at_write = False  # whether `rotate_entries` can put the rotation into the cached entries
 
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate_entries(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def keys_values(
+        self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values per head; `rotated`: the entries went through `rotate_entries` already."""
         raise NotImplementedError
 
     def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -122,11 +134,14 @@ class Attention(nn.Module):
         mask: Mask | None = None,
     ) -> torch.Tensor:
         entries = self.entries(x)
-        kv_positions = positions
+        kv_positions, rotated = positions, False
         if past is not None:
+            rotated = past.fixed_positions and self.rotates_at_write
+            if rotated:
+                entries = self.rotate_entries(entries, positions)
             entries, kv_positions = past.extend(entries)
         q = self.queries(x, positions)
-        k, v = self.keys_values(entries, kv_positions)
+        k, v = self.keys_values(entries, kv_positions, rotated)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = attention(q, k, v, mask)
         return self.o(out.transpose(1, 2).flatten(2))
@@ -147,12 +162,24 @@ class DenseSelfAttention(Attention):
     def cache_widths(self) -> tuple[int, ...]:
         return (self.num_heads * self.head_dim,) * 2
 
+    # With absolute positions the cache keeps keys rotated, as Self-Forcing's sampler does: each key is rotated
+    # once instead of the whole window at every forward. The rotation runs in float32 and returns the entries'
+    # dtype either way, so both orders give the same keys bit for bit.
+    rotates_at_write = True
+
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.norm_k(self.k(x)), self.v(x)
 
-    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate_entries(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k, v = entries
+        rotated = self.rotary.apply(k.unflatten(-1, (self.num_heads, self.head_dim)), *self.rotary.cos_sin(positions))
+        return rotated.flatten(-2), v
+
+    def keys_values(
+        self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = (e.unflatten(-1, (self.num_heads, self.head_dim)) for e in entries)
-        return self.rotary.apply(k, *self.rotary.cos_sin(positions)), v
+        return (k if rotated else self.rotary.apply(k, *self.rotary.cos_sin(positions))), v
 
     def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
@@ -232,7 +259,10 @@ class LatentSelfAttention(Attention):
         k = torch.cat([k_c.float().unflatten(-1, (self.num_heads, self.nope_dim)), k_r], dim=-1)
         return k, self.key_scale(k_c, r)
 
-    def keys_values(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(
+        self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The rope key stays unrotated in the cache: its per-token scale is a quadratic form of the unrotated r.
         c, r = entries
         k_c = self.k_up(c)
         pairs = r.float().unflatten(-1, (-1, 2))
