@@ -22,6 +22,9 @@ def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, mon
     assert set(report["long_rollout"]) >= {"dense", "mla"}
     # The fastest dense path caches its keys rotated; the latent cache keeps its rope key unrotated.
     assert report["paths"]["dense"]["keys_cached_rotated"] and not report["paths"]["mla"]["keys_cached_rotated"]
+    # Time to the first chunk: the first chunk of each variant's first rollout (its warm-up when compiling).
+    for variant, path in report["paths"].items():
+        assert path["time_to_first_chunk_s"] == report["rows"][[r["variant"] for r in report["rows"]].index(variant)]["first_chunk_s"] > 0
     assert "bench 6/6" in capsys.readouterr().err  # 2 variants x (batches 1, 2 + the long rollout)
     json_path, png_path = write_bench(report, tmp_path)
     assert json.loads(json_path.read_text())["schema"] == "mlaconvert.bench/1"

@@ -87,6 +87,7 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         "chunk": settings.chunk,
         "latent_frames": frames,
         "chunk_latency_s": latency,
+        "first_chunk_s": result.chunk_seconds[0],  # the variant's first rollout: compilation included
         "fps": batch * settings.chunk * FRAMES_PER_LATENT / latency,
         "peak_memory_gib": None if result.peak_memory is None else result.peak_memory / GiB,
         "cache_mib": result.cache_bytes / 2**20,
@@ -117,6 +118,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     streams: dict[str, Any] = {}
     long: dict[str, Any] = {}
     paths: dict[str, dict[str, Any]] = {}
+    card = torch.cuda.get_device_properties(dev).total_memory / GiB if dev.type == "cuda" else None
     start = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
@@ -134,9 +136,10 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
             for window in settings.windows:
                 for chunk in settings.chunks:
                     sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
-                    peaks = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
+                    peaks, first = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
+                    paths[variant].setdefault("time_to_first_chunk_s", first)
                     if 1 in peaks and 2 in peaks:
-                        streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib)
+                        streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib, card)
             if settings.long_seconds > 0:
                 sampler = SamplerSettings.for_model(
                     dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
@@ -156,6 +159,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "mode": "torch.compile (dynamic) of every block, both variants" if settings.compile else "eager PyTorch, both variants",
         "paths": paths,
         "rows": rows,
+        "card_gib": card,
         "streams_in_budget": streams,
         "long_rollout": long,
         "seconds": time.perf_counter() - start,
@@ -176,13 +180,15 @@ def _sampler_path(model: WanModel, settings: BenchSettings) -> dict[str, Any]:
 def _measure_batches(
     measure: Callable[..., dict[str, Any]], model: WanModel, variant: str, sampler: SamplerSettings,
     latent_size: tuple[int, int], settings: BenchSettings, rows: list[dict[str, Any]],
-) -> dict[int, float]:
+) -> tuple[dict[int, float], float | None]:
     """One (window, chunk) of one variant at every batch asked for, plus batches 1 and 2 for the per-stream
-    growth; appends the rows asked for and returns the peak memory (GiB) of each batch that has one."""
+    growth; appends the rows asked for and returns the peak memory (GiB) of each batch that has one, and how long
+    the first chunk of its first rollout took."""
     window, chunk = sampler.window, sampler.chunk
     frames = window + chunk * settings.timed_chunks
+    first = None
     if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
-        measure(model, 1, window + chunk, latent_size, sampler)
+        first = measure(model, 1, window + chunk, latent_size, sampler)["first_chunk_s"]
     peaks = {}
     for batch in sorted(set(settings.batches) | {1, 2}):
         try:
@@ -192,20 +198,22 @@ def _measure_batches(
         torch.cuda.empty_cache()
         if batch in settings.batches:
             rows.append(row)
+        if first is None and not row.get("oom"):
+            first = row["first_chunk_s"]
         if not row.get("oom") and row["peak_memory_gib"] is not None:
             peaks[batch] = row["peak_memory_gib"]
-    return peaks
+    return peaks, first
 
 
-def _streams_in_budget(peaks: dict[int, float], budget_gib: float) -> dict[str, Any]:
-    """Streams that fit `budget_gib`, extrapolated from the peaks at batch 1 and 2."""
+def _streams_in_budget(peaks: dict[int, float], budget_gib: float, card_gib: float | None) -> dict[str, Any]:
+    """Streams that fit `budget_gib` and the whole card, extrapolated from the peaks at batch 1 and 2."""
     per_stream = peaks[2] - peaks[1]
     fixed = peaks[1] - per_stream
-    return {
-        "per_stream_gib": per_stream,
-        "fixed_gib": fixed,
-        "max_streams": int((budget_gib - fixed) // per_stream) if per_stream > 0 else None,
-    }
+
+    def fit(gib: float | None) -> int | None:
+        return int((gib - fixed) // per_stream) if gib is not None and per_stream > 0 else None
+
+    return {"per_stream_gib": per_stream, "fixed_gib": fixed, "max_streams": fit(budget_gib), "max_streams_card": fit(card_gib)}
 
 
 def _ratios(report: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +262,11 @@ def print_bench(report: dict[str, Any], console: Console) -> None:
         else:
             console.print(f"MLA / dense {key}: {value:.2f}x", highlight=False)
     for key, value in report["streams_in_budget"].items():
-        console.print(f"streams in {report['settings']['budget_gib']:g} GiB, {key}: {value['max_streams']}", highlight=False)
+        card = f", in the whole card ({report['card_gib']:.0f} GiB): {value['max_streams_card']}" if report.get("card_gib") else ""
+        console.print(f"streams in {report['settings']['budget_gib']:g} GiB, {key}: {value['max_streams']}{card}", highlight=False)
+    for variant, path in report.get("paths", {}).items():
+        if path.get("time_to_first_chunk_s") is not None:
+            console.print(f"time to the first chunk, {variant}: {path['time_to_first_chunk_s']:.1f} s", highlight=False)
     for variant, value in report["long_rollout"].items():
         if variant != "weights_gib":
             peak = "-" if value["peak_memory_gib"] is None else f"{value['peak_memory_gib']:.2f}"
