@@ -53,6 +53,17 @@ def test_a_batch_out_of_memory_is_a_row_of_its_own_and_the_rest_still_runs(tmp_p
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_streams_never_go_negative_and_a_dense_model_that_fits_none_gives_no_ratio():
+    from mlaconvert.inference.bench import _ratios, _streams_in_budget
+
+    dense = _streams_in_budget({1: 50.0, 2: 60.0}, budget_gib=30.0, card_gib=80.0)
+    mla = _streams_in_budget({1: 20.0, 2: 22.0}, budget_gib=30.0, card_gib=80.0)
+    assert (dense["max_streams"], dense["max_streams_card"]) == (0, 4)  # 40 GiB fixed, 10 per stream
+    assert (mla["max_streams"], mla["max_streams_card"]) == (6, 31)  # 18 GiB fixed, 2 per stream
+    ratios = _ratios({"rows": [], "streams_in_budget": {"dense/w1/c1": dense, "mla/w1/c1": mla}})
+    assert "streams/w1/c1" not in ratios
+
+
 def test_mla_variant_uses_wans_leading_pairs_per_axis():
     config = mla_variant(TINY_WAN, 32, 16)
     assert config.mla.rope_pairs[0] == ((0, 1, 2, 3), (12, 13), (22, 23))  # head_dim 64: 12 frame, 10 row, 10 column pairs

@@ -24,7 +24,8 @@ from mlaconvert.checkpoints.builtin import TINY_WAN
 from mlaconvert.conversion.export import parameter_count
 from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.fields import help_of, setting
-from mlaconvert.inference.sampling import FRAMES_PER_LATENT, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for, rollout
+from mlaconvert.inference.sampling import (FRAMES_PER_LATENT, ROPE_TABLE, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for,
+                                           rollout)
 from mlaconvert.modeling.config import MLAConfig, WanConfig, preset
 from mlaconvert.modeling.model import WanModel
 from mlaconvert.modeling.rope import leading_rope_pairs
@@ -87,7 +88,7 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         "chunk": settings.chunk,
         "latent_frames": frames,
         "chunk_latency_s": latency,
-        "first_chunk_s": result.chunk_seconds[0],  # the variant's first rollout: compilation included
+        "first_chunk_s": result.chunk_seconds[0],  # the first chunk of a variant's first rollout includes its warm-up
         "fps": batch * settings.chunk * FRAMES_PER_LATENT / latency,
         "peak_memory_gib": None if result.peak_memory is None else result.peak_memory / GiB,
         "cache_mib": result.cache_bytes / 2**20,
@@ -118,7 +119,9 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     streams: dict[str, Any] = {}
     long: dict[str, Any] = {}
     paths: dict[str, dict[str, Any]] = {}
-    card = torch.cuda.get_device_properties(dev).total_memory / GiB if dev.type == "cuda" else None
+    # The card's memory free to this process (its CUDA context and any other process's use come off the total).
+    card = torch.cuda.mem_get_info(dev)[0] / GiB if dev.type == "cuda" else None
+    _warm_up(dev)
     start = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
@@ -137,7 +140,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
                 for chunk in settings.chunks:
                     sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
                     peaks, first = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
-                    paths[variant].setdefault("time_to_first_chunk_s", first)
+                    if first is not None:  # a (window, chunk) whose every batch ran out of memory has none
+                        paths[variant].setdefault("time_to_first_chunk_s", first)
                     if 1 in peaks and 2 in peaks:
                         streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib, card)
             if settings.long_seconds > 0:
@@ -168,11 +172,24 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     return report
 
 
+def _warm_up(device: torch.device) -> None:
+    """The process's one-time GPU set-up (cuBLAS and attention handles) before either variant: the variant
+    measured first would otherwise pay it in its time to the first chunk."""
+    if device.type != "cuda":
+        return
+    x = torch.randn(1, 2, 64, 64, device=device, dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(x, x, x) @ x.transpose(-1, -2)
+    torch.cuda.synchronize(device)
+
+
 def _sampler_path(model: WanModel, settings: BenchSettings) -> dict[str, Any]:
     """The optimisations a variant's rollouts use, so that the ratio's fairness can be read off the report."""
+    timed = max(w + c * settings.timed_chunks for w in settings.windows for c in settings.chunks)
+    longest = max(timed, latent_frames_for(settings.long_seconds) if settings.long_seconds > 0 else 0)
     return {
         "cache": "+".join(f"{w}" for w in model.blocks[0].self_attn.cache_widths()) + " values per token and layer",
-        "keys_cached_rotated": model.blocks[0].self_attn.rotates_at_write,  # the rollouts' positions are absolute
+        # Keys are cached rotated only with absolute positions, which the sampler keeps while the RoPE table lasts.
+        "keys_cached_rotated": model.blocks[0].self_attn.rotates_at_write and longest <= ROPE_TABLE,
         "compiled_blocks": settings.compile,
     }
 
@@ -206,12 +223,12 @@ def _measure_batches(
 
 
 def _streams_in_budget(peaks: dict[int, float], budget_gib: float, card_gib: float | None) -> dict[str, Any]:
-    """Streams that fit `budget_gib` and the whole card, extrapolated from the peaks at batch 1 and 2."""
+    """Streams that fit `budget_gib` and the card's free memory, extrapolated from the peaks at batch 1 and 2."""
     per_stream = peaks[2] - peaks[1]
     fixed = peaks[1] - per_stream
 
     def fit(gib: float | None) -> int | None:
-        return int((gib - fixed) // per_stream) if gib is not None and per_stream > 0 else None
+        return max(0, int((gib - fixed) // per_stream)) if gib is not None and per_stream > 0 else None
 
     return {"per_stream_gib": per_stream, "fixed_gib": fixed, "max_streams": fit(budget_gib), "max_streams_card": fit(card_gib)}
 
@@ -235,7 +252,7 @@ def _ratios(report: dict[str, Any]) -> dict[str, Any]:
     for key, value in streams.items():
         if key.startswith("mla/") and f"dense/{key[4:]}" in streams:
             dense_streams = streams[f"dense/{key[4:]}"]["max_streams"]
-            if value["max_streams"] and dense_streams:
+            if value["max_streams"] is not None and dense_streams:  # none fits dense: no ratio to give
                 out[f"streams/{key[4:]}"] = value["max_streams"] / dense_streams
     return out
 
@@ -262,7 +279,7 @@ def print_bench(report: dict[str, Any], console: Console) -> None:
         else:
             console.print(f"MLA / dense {key}: {value:.2f}x", highlight=False)
     for key, value in report["streams_in_budget"].items():
-        card = f", in the whole card ({report['card_gib']:.0f} GiB): {value['max_streams_card']}" if report.get("card_gib") else ""
+        card = f", in the card's free {report['card_gib']:.0f} GiB: {value['max_streams_card']}" if report.get("card_gib") else ""
         console.print(f"streams in {report['settings']['budget_gib']:g} GiB, {key}: {value['max_streams']}{card}", highlight=False)
     for variant, path in report.get("paths", {}).items():
         if path.get("time_to_first_chunk_s") is not None:

@@ -263,6 +263,8 @@ class LatentSelfAttention(Attention):
         self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The rope key stays unrotated in the cache: its per-token scale is a quadratic form of the unrotated r.
+        if rotated:
+            raise ValueError("latent attention caches its rope key unrotated (rotates_at_write is False)")
         c, r = entries
         k_c = self.k_up(c)
         pairs = r.float().unflatten(-1, (-1, 2))
