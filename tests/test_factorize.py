@@ -194,13 +194,15 @@ def test_rope_key_energy_of_a_random_rope_key_is_what_the_heads_reconstruct():
         np.testing.assert_allclose(form[i], expected, rtol=1e-12)
 
 
-def test_the_gram_route_of_a_wan_size_matrix_truncates_as_a_float64_svd() -> None:
-    # Above 2**21 entries the SVD comes from the Gram's eigenvectors; numpy's float64 SVD is the reference.
+@pytest.mark.parametrize("keep", [64, None])
+def test_the_gram_route_of_a_wan_size_matrix_truncates_as_a_float64_svd(keep: int | None) -> None:
+    # Above 2**21 entries the SVD comes from the Gram's eigenvectors (only the top `keep` of them when given);
+    # numpy's float64 SVD is the reference.
     g = np.random.default_rng(0)
     m = g.standard_normal((1800, 1300)) * (0.97 ** np.arange(1300))  # a decaying spectrum, as trained weights have
     m[:, -5:] = 0  # and a few exactly zero directions, which must not turn into NaN
-    u, s, vh = _svd(torch.from_numpy(m), keep=64)
-    assert u.shape == (1800, 64) and torch.isfinite(u).all()
+    u, s, vh = _svd(torch.from_numpy(m), keep=keep)
+    assert u.shape == (1800, keep or 1300) and vh.shape == (keep or 1300, 1300) and torch.isfinite(u).all()
     ref_u, ref_s, ref_vh = np.linalg.svd(m, full_matrices=False)
     resolved = ref_s > 1e-4 * ref_s[0]  # what the docstring promises, with room: σ above ~1e-7 σ₁
     np.testing.assert_allclose(s.numpy()[resolved], ref_s[resolved], rtol=1e-7)
