@@ -9,6 +9,8 @@ from mlaconvert.errors import MlaconvertError
 
 FULL_SIZE_PARAMS = 100_000_000  # above this, a CPU run takes hours where a GPU takes seconds
 
+GiB = 2**30  # bytes in the unit every memory figure is reported in
+
 
 def choose_device(requested: str | None, params: int | None = None) -> torch.device:
     """`requested` (--device) if usable; None picks CUDA when available, else the CPU for models up to

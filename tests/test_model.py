@@ -8,7 +8,8 @@ import torch
 
 from mlaconvert.checkpoints.formats import diffusers_to_native
 from mlaconvert.modeling.config import WanConfig
-from mlaconvert.modeling.model import load_model, sinusoid
+from mlaconvert.modeling.layers import sinusoid
+from mlaconvert.modeling.model import load_model
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from mlaconvert import __version__
 from mlaconvert.checkpoints.builtin import TINY_WAN
 from mlaconvert.conversion.export import parameter_count
-from mlaconvert.devices import choose_device, default_dtype
+from mlaconvert.devices import GiB, choose_device, default_dtype
 from mlaconvert.fields import help_of, setting
 from mlaconvert.inference.sampling import (FRAMES_PER_LATENT, ROPE_TABLE, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for,
                                            rollout)
@@ -31,7 +31,6 @@ from mlaconvert.modeling.model import WanModel
 from mlaconvert.modeling.rope import leading_rope_pairs
 from mlaconvert.progress import progress_bar
 
-GiB = 2**30
 
 
 @dataclass

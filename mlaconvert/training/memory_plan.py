@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mlaconvert.conversion.export import parameter_count
+from mlaconvert.devices import GiB
 from mlaconvert.modeling.config import WanConfig
 
-GiB = 2**30
 MASTER_BYTES = 4  # trained tensors keep float32 master weights, gradients and AdamW's two moments
 RESIDUAL_BYTES = 4  # the residual stream is float32 (as in Wan): what each checkpointed block keeps
 LABELS = {"teacher_weights": "teacher weights", "student_frozen": "student, frozen tensors",
@@ -82,7 +83,7 @@ def memory_plan(
     bytes per value) of the own-context rollout, which runs without gradients before the training forward.
     Each process holds every weight (DDP), and its gradient buckets besides when there are several."""
     frozen, trained_count = _parameter_counts(student, set(trained))
-    teacher_count = sum(_parameter_counts(teacher, set()))
+    teacher_count = parameter_count(teacher)
     master = trained_count * MASTER_BYTES
     block = activation_bytes_per_token(student, dtype_bytes)
     # Checkpointed, each block keeps its input and one block at a time is recomputed; else every block keeps all.
