@@ -136,9 +136,10 @@ def finetune(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense teacher (SOURCE); default: the source the export records."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipes/*.toml file (or its name): \\[finetune] settings; the options given override them."),
     overrides: dict[str, Any] = options(
-        FinetuneSettings, "max_steps", "batch", "accumulate", "lr", "warmup", "train", "layer_loss_weight", "own_context", "context_noise", "horizon_frames", "clips", "frames",
+        FinetuneSettings, "max_steps", "batch", "accumulate", "shard", "lr", "warmup", "train", "layer_loss_weight", "own_context", "context_noise", "horizon_frames", "clips", "frames",
         "height", "width", "chunk", "sampler_steps", "sampler_timesteps", "shift", "checkpoint_every", "gradient_checkpointing",
         "seed", sampler_steps="--steps", sampler_timesteps="--timesteps", gradient_checkpointing="--checkpointing/--no-checkpointing",
+        shard="--shard/--no-shard",
     ),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of *.safetensors clips ('latents' N,C,F,h,w and 'prompt_embeds' N,L,D) instead of generating."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line, for generated clips (needs the umT5 encoder)."),

@@ -186,6 +186,8 @@ class LatentSelfAttention(Attention):
         eigenvalues at 0. An energy must not go negative — its square root would be NaN — and an optimizer
         step knows nothing of that; projecting after each step keeps the stored 2x2 form (the export format)."""
         form = self.k_rope_norm
+        # Sharded (FSDP2), each process projects its own rows: every 2x2 form is projected on its own.
+        form = form.to_local() if hasattr(form, "to_local") else form
         values, vectors = torch.linalg.eigh(((form + form.transpose(-1, -2)) / 2).double())
         form.copy_((vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.transpose(-1, -2))
 

@@ -156,9 +156,10 @@ def generate_clips(
 
 def training_clips(settings: FinetuneSettings, config: WanConfig, teacher: WanModel, teacher_sha: str, folder: Path, *,
                    data: str | Path | None, prompts: list[str] | None, encoder: str | None, device: torch.device,
-                   progress: Any) -> Clips:
+                   progress: Any, save: bool = True) -> Clips:
     """The user's clips; for a model of the built-in world, fresh clips of that world; else the teacher's,
-    generated into `folder` unless cached there (rank 0 generates them; the others read what it wrote)."""
+    generated unless cached in `folder`, and saved there if `save` (under torchrun every process generates them,
+    since a sharded teacher's forwards take them all, and rank 0 saves)."""
     if data is not None:
         clips = load_clips(data, config, settings.sampler.chunk)
     elif config.world is not None:
@@ -166,13 +167,16 @@ def training_clips(settings: FinetuneSettings, config: WanConfig, teacher: WanMo
     else:
         key = generation_key(settings, teacher_sha, prompts)
         path = folder / key / CLIPS_FILE
-        if not path.is_file():
+        if path.is_file():
+            clips = load_clips(path.parent, config, settings.sampler.chunk)
+        else:
             task = progress.add_task("generate", total=settings.clips, info="teacher rollouts")
             text = _prompt_text(settings, config, prompts, encoder, device)
             latents = generate_clips(teacher, settings, text, on_batch=lambda n: progress.update(task, completed=n))
             origin = {"kind": "generated", "key": key, "text": "prompts" if prompts else "random", "prompts": prompts}
-            _save_clips(path, Clips(latents, text, origin))  # the origin goes into the file's metadata, for people
-        clips = load_clips(path.parent, config, settings.sampler.chunk)
+            clips = Clips(latents, text, origin)
+            if save:
+                _save_clips(path, clips)  # the origin goes into the file's metadata, for people
         clips.origin = {"kind": "generated", "key": key, "folder": str(path.parent)}
     if clips.latents.shape[0] <= settings.held_out:
         raise MlaconvertError(f"{clips.latents.shape[0]} clips leave none for training after {settings.held_out} held out")

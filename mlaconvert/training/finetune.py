@@ -5,7 +5,8 @@ The pieces it is made of:
     objective.py     noising, timesteps per chunk, the distillation loss, layer outputs, which tensors learn, FLOPs
     clips.py         the clips: a --data folder, the built-in world, or the teacher's own rollouts (cached)
     training_run.py  the run folder: seeded draws, log, checkpoints that resume exactly, publishing the export
-    processes.py     torchrun's processes (DDP): each takes its rows of the global batch; only rank 0 writes
+    processes.py     torchrun's processes: each takes its rows of the global batch; only rank 0 writes
+    sharding.py      a whole copy of the models in each process (DDP) or a share of them (FSDP2, --shard)
     finetune_report.py  teacher agreement and rank utilisation before and after, and the report's finetune section
     finetune_settings.py  the settings and their checks
     horizon.py       the long-horizon check at the checkpoints, and the best checkpoint the export keeps
@@ -23,9 +24,7 @@ The output folder is the run and the export at once:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -36,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from mlaconvert.checkpoints.formats import Checkpoint
 from mlaconvert.devices import default_dtype
@@ -52,6 +50,8 @@ from mlaconvert.training.objective import (AttentionOutputs, autocast_for, chunk
                                            noised, own_continuation, set_trainable, trainable_names)
 from mlaconvert.outputs import write_json
 from mlaconvert.training.processes import Processes, processes
+from mlaconvert.training.sharding import (full_parameters, gradient_sync, load_optimizer_state, load_parameters, optimizer_state,
+                                          spread, whole)
 from mlaconvert.training.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
                                      check_output, clear_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
 
@@ -101,29 +101,26 @@ def load_pair(model: str, teacher: str | None = None) -> tuple[Checkpoint, Check
 class Trainer:
     """Student, teacher, optimizer and schedule of one run; `step` does one optimizer step over the global batch."""
 
-    def __init__(self, student: WanModel, teacher: WanModel, clips: Clips, settings: FinetuneSettings, procs: Processes):
-        self.settings, self.procs, self.clips = settings, procs, clips
+    def __init__(self, student: WanModel, teacher: WanModel, settings: FinetuneSettings, procs: Processes):
+        self.settings, self.procs = settings, procs
         self.student, self.teacher = student, teacher
+        self.clips: Clips  # set once made: with --shard, making them needs the sharded teacher
         self.trained = set_trainable(student, settings.train)
         teacher.requires_grad_(False)
         student.gradient_checkpointing = settings.gradient_checkpointing
-        self.module: nn.Module = student
-        if procs.world > 1:
-            ids = [procs.device.index] if procs.device.type == "cuda" else None
-            self.module = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        self.module = spread(student, teacher, procs, settings.shard)
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_cosine(step, settings.warmup, settings.max_steps))
         self.student_attn, self.teacher_attn = AttentionOutputs(student), AttentionOutputs(teacher)
-        self.train_count = clips.latents.shape[0] - settings.held_out
         self.step_count = 0
         self.data_position = 0  # clips drawn so far from the stream of shuffled epochs
         self.autocast = autocast_for(procs.device)
 
     def _clip_indices(self, position: int, count: int) -> torch.Tensor:
         """Clips `position .. position+count` of the stream: each epoch a fresh seeded permutation."""
-        n, orders, out = self.train_count, {}, []
+        n, orders, out = self.clips.latents.shape[0] - self.settings.held_out, {}, []
         for p in range(position, position + count):
             epoch = p // n
             if epoch not in orders:
@@ -150,9 +147,8 @@ class Trainer:
         for a in range(s.accumulate):
             rows = slice(procs.rank * per_rank + a * micro, procs.rank * per_rank + (a + 1) * micro)
             last = a == s.accumulate - 1
-            sync = contextlib.nullcontext() if last or procs.world == 1 else self.module.no_sync()
             part = [x[rows].to(procs.device) for x in (clean, text, noise, timesteps)]
-            with sync:
+            with gradient_sync(self.module, last):
                 with self.autocast:
                     part[0] = self._with_own_context(part[0], part[1], rows)
                     context = None if context_noise is None else noised(part[0], *(x[rows].to(procs.device) for x in context_noise))
@@ -161,11 +157,11 @@ class Trainer:
                         sampler=s.sampler, layer_loss_weight=s.layer_loss_weight,
                         student_attn=self.student_attn, teacher_attn=self.teacher_attn,
                     )
-                # Mean over the global batch: each micro-batch weighs 1/accumulate here, DDP averages the ranks.
+                # Mean over the global batch: each micro-batch weighs 1/accumulate here, DDP or FSDP averages the ranks.
                 (loss / s.accumulate).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / s.accumulate
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         for block in self.student.blocks:
@@ -206,7 +202,7 @@ class Trainer:
         # The rollout's cache takes the dtype of the student's first tensor, as the sampler does.
         own = (min(rows, round(s.own_context * s.batch)), s.sampler.window * frame_tokens, next(self.student.parameters()).dtype.itemsize)
         return memory_plan(cfg, self.teacher.config, self.trained, clip_tokens=2 * frames * frame_tokens, rows=rows,
-                           dtype_bytes=default_dtype(procs.device).itemsize, processes=procs.world,
+                           dtype_bytes=default_dtype(procs.device).itemsize, processes=procs.world, sharded=s.shard,
                            checkpointing=s.gradient_checkpointing, layer_outputs=s.layer_loss_weight > 0, rollout=own)
 
     def state_dict(self) -> dict[str, Any]:
@@ -214,17 +210,14 @@ class Trainer:
         return {
             "step": self.step_count,
             "data_position": self.data_position,
-            "params": {n: p.detach().cpu() for n, p in self.student.named_parameters() if p.requires_grad},
-            "optimizer": self.optimizer.state_dict(),
+            "params": full_parameters(self.student, self.trained),
+            "optimizer": optimizer_state(self.optimizer, self.student),
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = dict(self.student.named_parameters())
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_parameters(self.student, state["params"])
+        load_optimizer_state(self.optimizer, self.student, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count, self.data_position = state["step"], state["data_position"]
 
@@ -284,8 +277,8 @@ def finetune(
 
 @dataclass
 class RunState:
-    """One run as its phases share it; the log's rows, the fingerprint and the measures before training are
-    rank 0's, which alone writes the run folder (empty on the other processes)."""
+    """One run as its phases share it. Every process computes the same rows and measures (with --shard the
+    models' forwards need them all); rank 0 alone writes the run folder."""
 
     output: Path
     trainer: Trainer
@@ -302,10 +295,9 @@ class RunState:
 def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processes, progress: Any, *, teacher: str | None,
            data: str | Path | None, prompts: list[str] | None, encoder: str | None, cache_dir: str | Path | None,
            resume: bool, force: bool) -> RunState:
-    """Start or resume. Every process checks the output folder and loads the models; rank 0 clears an earlier
-    run (--force), makes the clips (the teacher's are generated unless cached), checks a resumed run is this
-    one, measures the student before training (or reads what the checkpoint measured) and opens the log; then
-    every process builds its trainer on the same clips and loads the checkpoint."""
+    """Start or resume: load and spread the models, make the clips (the teacher's are generated unless cached;
+    rank 0 saves them and its copy is every process's), check a resumed run is this one, measure the student
+    before training (or read what the checkpoint measured), open the log and load the checkpoint."""
     from mlaconvert.conversion.convert import weights_sha256
 
     check_output(output, force=force, resume=resume)
@@ -318,62 +310,53 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
     trained = set(trainable_names(config, list(student_ckpt.state_dict), settings.train))
     student = load_model(config, {k: v.to(torch.float32, copy=True) if k in trained else v.to(default_dtype(dev))
                                   for k, v in student_ckpt.state_dict.items()}, device=dev)
-    teacher_model = load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev,
-                               dtype=default_dtype(dev))
+    teacher_model = load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev, dtype=default_dtype(dev))
     teacher_sha = weights_sha256(teacher_ckpt.files) or ""
-
-    def clips() -> Clips:
-        return training_clips(settings, config, teacher_model, teacher_sha, Path(cache_dir or output / "data"), data=data,
-                              prompts=prompts, encoder=encoder, device=dev, progress=progress)
-
-    def open_run() -> tuple[Clips, dict[str, Any], dict[str, Any], list[dict[str, Any]], HorizonCheck | None]:
-        if not resume:
-            clear_output(output, products=(AGREEMENT_NAME,))
-        made = clips()
-        fingerprint = {
-            "model": weights_sha256(student_ckpt.files), "teacher": teacher_sha, "config": config.to_dict(),
-            "data": {k: v for k, v in made.origin.items() if k != "folder"},
-            "settings": {k: v for k, v in settings.record().items() if k not in settings.run_only()},
-        }
-        fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as the saved copy reads back
-        saved = read_run(output) if resume else {"step": 0}
-        if resume:
-            check_same_run(output, saved["fingerprint"], fingerprint)
-        before = saved["before"] if resume else measure_student(student, teacher_model, made, settings, autocast_for(dev))
-        check = horizon_check(teacher_model, made, settings, autocast_for(dev), before.get("horizon_reference"))
-        if check is not None:
-            before["horizon_reference"] = check.reference
-        rows = trim_log(output / LOG_NAME, saved["step"])
-        if not rows:
-            rows.append({"step": 0, "eval_loss": held_out_loss(student, teacher_model, made, settings, dev, procs.world)})
-            if check is not None:
-                rows[0]["horizon"] = check.score(student, settings)
-            append_row(output / LOG_NAME, rows[0])
-        return made, fingerprint, before, rows, check
-
-    opened = procs.on_main(open_run)
-    trainer = Trainer(student, teacher_model, opened[0] if opened else clips(), settings, procs)
-    state = load_checkpoint(output) if resume else {}
+    trainer = Trainer(student, teacher_model, settings, procs)
+    if not resume:
+        procs.on_main(lambda: clear_output(output, products=(AGREEMENT_NAME,)))
+    made = training_clips(settings, config, teacher_model, teacher_sha, Path(cache_dir or output / "data"), data=data,
+                          prompts=prompts, encoder=encoder, device=dev, progress=progress, save=procs.main)
+    made.latents, made.text = procs.broadcast(made.latents), procs.broadcast(made.text)
+    trainer.clips = made
+    fingerprint = {
+        "model": weights_sha256(student_ckpt.files), "teacher": teacher_sha, "config": config.to_dict(),
+        "data": {k: v for k, v in made.origin.items() if k != "folder"},
+        "settings": {k: v for k, v in settings.record().items() if k not in settings.run_only()},
+    }
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as the saved copy reads back
+    saved = read_run(output) if resume else {"step": 0}
     if resume:
+        check_same_run(output, saved["fingerprint"], fingerprint)
+    autocast = autocast_for(dev)
+    before = saved["before"] if resume else measure_student(student, teacher_model, made, settings, autocast)
+    check = horizon_check(teacher_model, made, settings, autocast, before.get("horizon_reference"))
+    if check is not None:
+        before["horizon_reference"] = check.reference
+    run = RunState(output, trainer, student_ckpt, teacher_ckpt, teacher_sha, fingerprint, before, horizon=check)
+    if resume:
+        state = load_checkpoint(output)
         trainer.load_state_dict(state)
-    run = RunState(output, trainer, student_ckpt, teacher_ckpt, teacher_sha, best=state.get("best"))
-    if opened:
-        _, run.fingerprint, run.before, run.rows, run.horizon = opened
-        if run.horizon is not None and not resume:
+        run.best = state.get("best")
+        run.rows = trim_log(output / LOG_NAME, saved["step"], write=procs.main)
+    else:
+        run.rows = [{"step": 0, "eval_loss": trainer.held_out_loss()}]
+        if check is not None:
+            run.rows[0]["horizon"] = check.score(student, settings)
             run.best = best_of(None, 0, run.rows[0]["horizon"], student)
+        procs.on_main(lambda: append_row(output / LOG_NAME, run.rows[0]))
     return run
 
 
 def _train(run: RunState, progress: Any, stop_after: int | None) -> bool:
-    """Optimizer steps up to max_steps, each followed by rank 0's record of it (see `_record`); False when
-    `stop_after` ends the run early."""
+    """Optimizer steps up to max_steps, each followed by its record (see `_record`); False when `stop_after`
+    ends the run early."""
     trainer, s = run.trainer, run.trainer.settings
     task = progress.add_task("finetune", total=s.max_steps, completed=trainer.step_count, info="")
     while trainer.step_count < s.max_steps:
         if stop_after is not None and trainer.step_count >= stop_after:
             return False
-        row = trainer.step()
-        trainer.procs.on_main(functools.partial(_record, run, row, progress, task))
+        _record(run, trainer.step(), progress, task)
     return True
 
 
@@ -388,34 +371,39 @@ def _record(run: RunState, row: dict[str, Any], progress: Any, task: Any) -> Non
         row["horizon"] = run.horizon.score(trainer.student, s)
         run.best = best_of(run.best, step, row["horizon"], trainer.student)
     run.rows.append(row)
-    append_row(run.output / LOG_NAME, row)
     progress.update(task, completed=step, info=f"loss {row['loss']:.4g}  {row['tokens_per_s']:,.0f} tok/s")
-    if checkpoint:
-        state = {**trainer.state_dict(), **({"best": run.best} if run.best is not None else {})}
-        save_checkpoint(run.output, state, {"step": step, "fingerprint": run.fingerprint, "before": run.before})
-        plot_loss(run.rows, run.output / LOSS_PLOT)
+    state = {**trainer.state_dict(), **({"best": run.best} if run.best is not None else {})} if checkpoint else None
+
+    def write() -> None:
+        append_row(run.output / LOG_NAME, row)
+        if state is not None:
+            save_checkpoint(run.output, state, {"step": step, "fingerprint": run.fingerprint, "before": run.before})
+            plot_loss(run.rows, run.output / LOSS_PLOT)
+
+    trainer.procs.on_main(write)
 
 
 def _finish(run: RunState) -> FinetuneResult:
-    """Rank 0 measures the trained student and publishes the export with a fresh rank report."""
-    done = run.trainer.procs.on_main(lambda: _export(run))
-    if done is None:  # another process: rank 0 reports
-        return FinetuneResult(run.output, run.trainer.step_count, True, None)
-    return FinetuneResult(run.output, run.trainer.step_count, True, done["finetune"]["final_loss"], report=done, log=run.rows)
-
-
-def _export(run: RunState) -> dict[str, Any]:
-    """agreement.json and the export (weights in the student's own dtypes, the rank report with the finetune
-    section); the report."""
-    from mlaconvert.conversion.rank import build_report
-
-    trainer, config = run.trainer, run.student.config
+    """Measure the trained student (the best long-horizon check's weights, if kept) and publish the export with
+    a fresh rank report (rank 0)."""
+    trainer = run.trainer
     if run.best is not None:
         restore(trainer.student, run.best)
     after = measure_student(trainer.student, trainer.teacher, trainer.clips, trainer.settings, trainer.autocast)
-    # Trained tensors from the model; the frozen ones as loaded, which the compute dtype may have rounded.
-    loaded, trained = run.student.state_dict, set(trainer.trained)
-    state = {k: v.detach().to("cpu", loaded[k].dtype) if k in trained else loaded[k] for k, v in trainer.student.state_dict().items()}
+    trained = full_parameters(trainer.student, trainer.trained)
+    done = trainer.procs.on_main(lambda: _export(run, after, trained))
+    if done is None:  # another process: rank 0 reports
+        return FinetuneResult(run.output, trainer.step_count, True, None)
+    return FinetuneResult(run.output, trainer.step_count, True, done["finetune"]["final_loss"], report=done, log=run.rows)
+
+
+def _export(run: RunState, after: dict[str, Any], trained: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """agreement.json and the export: the trained tensors in the student's own dtypes, the frozen ones as
+    loaded (which the compute dtype may have rounded), and the rank report with the finetune section."""
+    from mlaconvert.conversion.rank import build_report
+
+    config, loaded = run.student.config, run.student.state_dict
+    state = {k: trained[k].to(v.dtype) if k in trained else v for k, v in loaded.items()}
     report = build_report(config, state, source_info=run.student.info)
     for entry, utilisation in zip(report["layers"], after["utilisation"], strict=True):
         entry["mla"]["utilisation"] = utilisation

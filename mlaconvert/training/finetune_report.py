@@ -15,6 +15,7 @@ from mlaconvert.evaluation.agreement import teacher_agreement
 from mlaconvert.modeling.model import WanModel
 from mlaconvert.training.clips import Clips
 from mlaconvert.training.objective import count_step_flops
+from mlaconvert.training.sharding import full_parameters
 from mlaconvert.training.training_run import training_rows
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def measure_student(student: WanModel, teacher: WanModel, clips: Clips, settings
     utilisation = []
     for i, c in enumerate(cached):
         prefix = f"blocks.{i}.self_attn."
-        weights = {n[len(prefix):]: p.detach().float().cpu() for n, p in student.named_parameters() if n.startswith(prefix)}
+        names = [n for n, _ in student.named_parameters() if n.startswith(prefix)]
+        weights = {n[len(prefix):]: p.float() for n, p in full_parameters(student, names).items()}
         utilisation.append(mla_utilisation(weights, latents=c))
     return {"agreement": agreement, "utilisation": utilisation}
 

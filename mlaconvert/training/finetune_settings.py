@@ -20,6 +20,7 @@ class FinetuneSettings:
     max_steps: int = setting(200, "Optimizer steps.")
     batch: int = setting(1, "Clips per step over all processes.")
     accumulate: int = setting(1, "Micro-batches per step in each process (gradient accumulation).")
+    shard: bool = setting(False, "Under torchrun, split teacher and student across the processes (FSDP2) instead of a whole copy in each (DDP).")
     lr: float = setting(1e-4, "Peak learning rate of AdamW.")
     warmup: int = setting(10, "Linear warmup steps before the cosine decay to zero.")
     weight_decay: float = 0.0  # decay pulls toward zero, not toward the factorised init: off by default
@@ -78,7 +79,7 @@ class FinetuneSettings:
     def run_only(self) -> tuple[str, ...]:
         """Settings that change how a run is carried out but not what it computes; a resume may change them.
         With the long-horizon check, the checkpoints are where it looks, so checkpoint_every is not one."""
-        return ("eval_every",) if self.horizon_frames else ("checkpoint_every", "eval_every")
+        return ("eval_every", "shard") if self.horizon_frames else ("checkpoint_every", "eval_every", "shard")
 
     def record(self) -> dict[str, Any]:
         """The settings as the report and the checkpoint's fingerprint record them: flat, the sampler resolved."""

@@ -19,6 +19,7 @@ import torch
 from mlaconvert.inference.sampling import rollout
 from mlaconvert.evaluation.evaluate import EvalSettings, Truth, evaluate, world_truth
 from mlaconvert.modeling.model import WanModel
+from mlaconvert.training.sharding import full_parameters, load_parameters
 from mlaconvert.training.training_run import derived_seed
 
 if TYPE_CHECKING:
@@ -82,13 +83,10 @@ def best_of(best: dict[str, Any] | None, step: int, result: dict[str, Any], stud
     """The best check so far: this one (with a copy of the trained weights) if it scores lower, else `best`."""
     if best is not None and best["score"] <= result["score"]:
         return best
-    params = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if p.requires_grad}
+    params = full_parameters(student, [n for n, p in student.named_parameters() if p.requires_grad])
     return {"step": step, "score": result["score"], "params": params}
 
 
 def restore(student: WanModel, best: dict[str, Any]) -> None:
     """Put the best check's trained weights back into the student."""
-    named = dict(student.named_parameters())
-    with torch.no_grad():
-        for name, value in best["params"].items():
-            named[name].copy_(value)
+    load_parameters(student, best["params"])

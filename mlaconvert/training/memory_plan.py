@@ -4,6 +4,9 @@ Weights, gradients and optimizer state are exact counts of the models' tensors. 
 activation checkpointing each block keeps its float32 input for the backward pass, and one block at a time is
 recomputed with its intermediates (`activation_bytes_per_token`, from the tensors a Wan block saves). The report
 keeps the plan beside the measured peak, so every GPU run checks the estimate.
+
+Sharded (FSDP2), each process keeps 1/N of every weight, gradient and moment, and holds whole only the blocks
+being run: the current one and the next, gathered ahead, of the larger model, besides the root's small tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ MASTER_BYTES = 4  # trained tensors keep float32 master weights, gradients and A
 RESIDUAL_BYTES = 4  # the residual stream is float32 (as in Wan): what each checkpointed block keeps
 LABELS = {"teacher_weights": "teacher weights", "student_frozen": "student, frozen tensors",
           "student_trained": "student, trained tensors (float32)", "gradients": "gradients", "optimizer": "AdamW moments",
-          "activations": "activations (estimate)"}
+          "activations": "activations (estimate)", "gathered": "blocks gathered whole (sharded)"}
 
 
 def activation_bytes_per_token(config: WanConfig, dtype_bytes: int) -> int:
@@ -41,6 +44,7 @@ class MemoryPlan:
     optimizer: int
     activations: int  # of the training forward, or of the own-context rollout's cache where that is larger
     processes: int
+    gathered: int = 0  # sharded: the running block and the next one, whole, with the root's tensors
 
     @property
     def total(self) -> int:
@@ -48,20 +52,36 @@ class MemoryPlan:
 
     def rows(self) -> list[tuple[str, float]]:
         """(what, GiB) for a table, the total last."""
-        return [*((label, getattr(self, key) / GiB) for key, label in LABELS.items()), ("total", self.total / GiB)]
+        shown = [key for key in LABELS if key != "gathered" or self.gathered]
+        return [*((LABELS[key], getattr(self, key) / GiB) for key in shown), ("total", self.total / GiB)]
 
     def to_dict(self) -> dict[str, float | int]:
         return {**{f"{key}_gib": round(getattr(self, key) / GiB, 3) for key in LABELS},
                 "total_gib": round(self.total / GiB, 3), "processes": self.processes}
 
 
-def _parameter_counts(config: WanConfig, trained: set[str]) -> tuple[int, int]:
-    """(frozen, trained) parameters of a model of `config`, counted on the meta device."""
+def _parameter_counts(config: WanConfig, trained: set[str]) -> dict[str, tuple[int, int]]:
+    """(frozen, trained) parameters of a model of `config`, counted on the meta device: of the whole model, of
+    its largest block and of what lies outside the blocks."""
     from mlaconvert.modeling.model import WanModel
 
     with torch.device("meta"):
         params = dict(WanModel(config).named_parameters())
-    return sum(p.numel() for n, p in params.items() if n not in trained), sum(params[n].numel() for n in trained)
+
+    def count(names: list[str]) -> tuple[int, int]:
+        return sum(params[n].numel() for n in names if n not in trained), sum(params[n].numel() for n in names if n in trained)
+
+    blocks = [count([n for n in params if n.startswith(f"blocks.{i}.")]) for i in range(config.num_layers)]
+    return {"model": count(list(params)), "block": max(blocks, key=sum), "root": count([n for n in params if not n.startswith("blocks.")])}
+
+
+def _gathered(student: WanConfig, teacher: WanConfig, trained: set[str], dtype_bytes: int) -> int:
+    """Bytes of the sharded units held whole at once: two blocks of the larger model and both roots."""
+    def unit_bytes(frozen_trained: tuple[int, int]) -> int:
+        return frozen_trained[0] * dtype_bytes + frozen_trained[1] * MASTER_BYTES
+
+    ours, theirs = _parameter_counts(student, trained), _parameter_counts(teacher, set())
+    return 2 * max(unit_bytes(ours["block"]), unit_bytes(theirs["block"])) + unit_bytes(ours["root"]) + unit_bytes(theirs["root"])
 
 
 def memory_plan(
@@ -73,6 +93,7 @@ def memory_plan(
     rows: int,
     dtype_bytes: int,
     processes: int = 1,
+    sharded: bool = False,
     checkpointing: bool = True,
     layer_outputs: bool = False,
     rollout: tuple[int, int, int] = (0, 0, 0),
@@ -81,10 +102,12 @@ def memory_plan(
     the student's forward (teacher forcing doubles a clip: the clean copy runs alongside); `layer_outputs` when
     the layer loss keeps every self-attention output of student and teacher. `rollout` = (rows, cached tokens,
     bytes per value) of the own-context rollout, which runs without gradients before the training forward.
-    Each process holds every weight (DDP), and its gradient buckets besides when there are several."""
-    frozen, trained_count = _parameter_counts(student, set(trained))
+    Each process holds every weight (DDP, with its gradient buckets besides when there are several) or, `sharded`,
+    its 1/processes share of them and the units gathered whole."""
+    frozen, trained_count = _parameter_counts(student, set(trained))["model"]
     teacher_count = parameter_count(teacher)
-    master = trained_count * MASTER_BYTES
+    share = processes if sharded else 1
+    master = -(-trained_count // share) * MASTER_BYTES
     block = activation_bytes_per_token(student, dtype_bytes)
     # Checkpointed, each block keeps its input and one block at a time is recomputed; else every block keeps all.
     per_token = student.num_layers * RESIDUAL_BYTES * student.dim + block if checkpointing else student.num_layers * block
@@ -93,11 +116,12 @@ def memory_plan(
     own_rows, cached_tokens, value_bytes = rollout
     cache = own_rows * cached_tokens * student.num_layers * student.kv_values_per_token() * value_bytes
     return MemoryPlan(
-        teacher_weights=teacher_count * dtype_bytes,
-        student_frozen=frozen * dtype_bytes,
+        teacher_weights=-(-teacher_count // share) * dtype_bytes,
+        student_frozen=-(-frozen // share) * dtype_bytes,
         student_trained=master,
-        gradients=master * (2 if processes > 1 else 1),
+        gradients=master * (2 if processes > 1 and not sharded else 1),
         optimizer=2 * master,
         activations=max(rows * clip_tokens * per_token, cache),
         processes=processes,
+        gathered=_gathered(student, teacher, set(trained), dtype_bytes) if sharded and processes > 1 else 0,
     )

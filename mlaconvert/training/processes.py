@@ -1,9 +1,9 @@
-"""The processes of a `torchrun` job (DDP): which one this is, its device, and the few collectives a training
-recipe needs. One process (no torchrun) is the same object with `world` 1, where every collective is a no-op.
+"""The processes of a `torchrun` job: which one this is, its device, and the few collectives a training recipe
+needs. One process (no torchrun) is the same object with `world` 1, where every collective is a no-op.
 
-Work only rank 0 does (writing files, generating the teacher's clips) runs through `on_main`, whose barrier
-also says whether it succeeded: a failure there ends every process at once, instead of leaving the others
-waiting at a barrier until the group's timeout (hours, since rank 0 may generate clips for that long).
+Work only rank 0 does (writing the run folder) runs through `on_main`, whose barrier also says whether it
+succeeded: a failure there ends every process at once, instead of leaving the others waiting at a barrier until
+the group's timeout (hours, since rank 0 may write and report on a 14B export for that long).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mlaconvert.devices import choose_device
 from mlaconvert.errors import MlaconvertError
 
 T = TypeVar("T")
-# Rank 0 alone generates the teacher's clips while the others wait: allow it hours, not the default minutes.
+# Rank 0 alone writes the export and its rank report while the others wait: allow it hours, not minutes.
 GROUP_TIMEOUT = timedelta(hours=3)
 
 
@@ -61,6 +61,14 @@ class Processes:
         if flag.item() and not failed:
             raise MlaconvertError(f"process {self.rank} stopped because process 0 failed (its message says why)")
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` on every process (where it lives, through this process's device for nccl)."""
+        if self.world == 1:
+            return tensor
+        moved = tensor.to(self.device, copy=True)
+        dist.broadcast(moved, src=0)
+        return moved.to(tensor.device)
+
     def mean(self, values: list[float]) -> list[float]:
         """The mean over the processes of each value (the same list everywhere)."""
         stats = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -77,6 +85,8 @@ def processes(device: str | None) -> Iterator[Processes]:
     procs = _start(device)
     try:
         yield procs
+        if procs.owns_group:
+            dist.barrier()  # gloo aborts a process that tears the group down while another still talks in it
     finally:
         if procs.owns_group:
             dist.destroy_process_group()

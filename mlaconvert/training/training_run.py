@@ -116,19 +116,22 @@ def check_output(output: Path, *, force: bool, resume: bool) -> None:
 
 
 def clear_output(output: Path, products: Iterable[str] = ()) -> None:
-    """Starting over: the earlier run's log, plot, checkpoint and `products` go; its cached clips stay (they are
-    keyed by what made them)."""
+    """Starting over in `output` (made if new): the earlier run's log, plot, checkpoint and `products` go; its
+    cached clips stay (they are keyed by what made them)."""
+    output.mkdir(parents=True, exist_ok=True)
     for name in (LOG_NAME, LOSS_PLOT, *products):
         (output / name).unlink(missing_ok=True)
     shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
 
 
-def trim_log(path: Path, step: int) -> list[dict[str, Any]]:
-    """The log up to `step`; rows of steps after the checkpoint were lost with the killed run and are redone."""
+def trim_log(path: Path, step: int, *, write: bool = True) -> list[dict[str, Any]]:
+    """The log up to `step`, cut there when `write`: rows of steps after the checkpoint were lost with the killed
+    run and are redone."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     rows = [r for r in rows if r["step"] <= step]
-    with atomic_file(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if write:
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
