@@ -67,6 +67,27 @@ def test_gpu_rollout_is_reproducible_and_matches_cpu(tiny_mla):
     assert a.peak_memory and a.peak_memory > 0
 
 
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+@pytest.mark.parametrize("positions", ["absolute", "reindex"])
+def test_cuda_graphs_replay_the_eager_rollout(tiny, tiny_mla, kind, positions, monkeypatch):
+    """The steady state replayed as CUDA graphs gives the eager rollout's frames, in bf16 as served; one capture
+    serves every denoising step and commit pass of every chunk once the window (6 frames, a sink of 1) is full."""
+    from mlaconvert.inference.graphs import ChunkForward
+
+    ckpt = tiny if kind == "dense" else tiny_mla
+    model = load_model(ckpt.config, ckpt.state_dict, device="cuda", dtype=torch.bfloat16).eval()
+    captures = []
+    capture = ChunkForward._capture
+    monkeypatch.setattr(ChunkForward, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
+    text = torch.randn(2, 32, 64)
+    eager = SamplerSettings(chunk=2, window=6, sink=1, seed=3, positions=positions)
+    graphed = SamplerSettings(chunk=2, window=6, sink=1, seed=3, positions=positions, graphs=True)
+    a = rollout(model, text, frames=14, latent_size=(4, 6), settings=eager)
+    b = rollout(model, text, frames=14, latent_size=(4, 6), settings=graphed)
+    assert len(captures) == 1
+    torch.testing.assert_close(b.latents, a.latents, atol=2e-2, rtol=2e-2)
+
+
 def test_conversion_on_gpu_matches_cpu(tiny):
     cpu = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"), device="cpu")
     gpu = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"), device="cuda")

@@ -9,6 +9,7 @@ of concurrent streams that fit a memory budget is extrapolated from the measured
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ class BenchSettings:
     seed: int = 0
     variants: tuple[str, ...] = ("dense", "mla")
     compile: bool = setting(False, "torch.compile the blocks of both variants.")
+    graphs: bool = setting(False, "Replay each steady-state forward of both variants as a CUDA graph.")
 
 
 def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
@@ -88,6 +90,7 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         "latent_frames": frames,
         "chunk_latency_s": latency,
         "first_chunk_s": result.chunk_seconds[0],  # the first chunk of a variant's first rollout includes its warm-up
+        "first_steady_chunk_s": steady[0],  # with --graphs, this one captures them
         "fps": batch * settings.chunk * FRAMES_PER_LATENT / latency,
         "peak_memory_gib": None if result.peak_memory is None else result.peak_memory / GiB,
         "cache_mib": result.cache_bytes / 2**20,
@@ -138,6 +141,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
             for window in settings.windows:
                 for chunk in settings.chunks:
                     sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
+                    sampler = dataclasses.replace(sampler, graphs=settings.graphs)
                     peaks, first = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
                     if first is not None:  # a (window, chunk) whose every batch ran out of memory has none
                         paths[variant].setdefault("time_to_first_chunk_s", first)
@@ -147,6 +151,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
                 sampler = SamplerSettings.for_model(
                     dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
                 )
+                sampler = dataclasses.replace(sampler, graphs=settings.graphs)
                 frames = latent_frames_for(settings.long_seconds)
                 long[variant] = {**measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
             long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
@@ -159,7 +164,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "settings": {**settings.__dict__},
-        "mode": "torch.compile (dynamic) of every block, both variants" if settings.compile else "eager PyTorch, both variants",
+        "mode": ("torch.compile (dynamic) of every block" if settings.compile else "eager PyTorch")
+        + (", steady state as CUDA graphs" if settings.graphs else "") + ", both variants",
         "paths": paths,
         "rows": rows,
         "card_gib": card,
@@ -190,6 +196,7 @@ def _sampler_path(model: WanModel, settings: BenchSettings) -> dict[str, Any]:
         # Keys are cached rotated only with absolute positions, which the sampler keeps while the RoPE table lasts.
         "keys_cached_rotated": model.blocks[0].self_attn.rotates_at_write and longest <= ROPE_TABLE,
         "compiled_blocks": settings.compile,
+        "cuda_graphs": settings.graphs and next(model.parameters()).device.type == "cuda",
     }
 
 
@@ -322,7 +329,8 @@ def write_bench(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path
     from mlaconvert.outputs import write_json
 
     out_dir = Path(out_dir)
-    stem = "bench-" + report["device"].lower().replace(" ", "-") + ("-compiled" if report["settings"]["compile"] else "")
+    tags = ("-compiled" if report["settings"]["compile"] else "") + ("-graphs" if report["settings"].get("graphs") else "")
+    stem = "bench-" + report["device"].lower().replace(" ", "-") + tags
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     write_json(json_path, report)
     plot_bench(report, png_path)

@@ -21,6 +21,7 @@ import torch
 from mlaconvert.devices import choose_device, default_dtype
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.fields import setting
+from mlaconvert.inference.graphs import ChunkForward
 from mlaconvert.modeling.cache import KVCache
 from mlaconvert.modeling.config import SamplerDefaults, WanConfig
 from mlaconvert.modeling.model import WanModel
@@ -56,6 +57,7 @@ class SamplerSettings:
     shift: float = SamplerDefaults.shift
     positions: str = SamplerDefaults.positions  # absolute, reindex, or auto (absolute while it fits Wan's RoPE table)
     seed: int = 0
+    graphs: bool = False  # on CUDA, replay the steady state's forwards as CUDA graphs (graphs.py)
 
     @classmethod
     def for_model(cls, config: WanConfig, **options: Any) -> SamplerSettings:
@@ -199,10 +201,11 @@ def rollout(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    forward = ChunkForward(model, settings.graphs)
     for start in range(0, given, settings.chunk):
         x0 = prefix[:, :, start : start + settings.chunk].to(device, dtype)
         n = x0.shape[2]
-        model(x0, torch.zeros(batch, n, device=device), text, cache=cache.step(n, commit=True))
+        forward(x0, torch.zeros(batch, n, device=device), text, cache.step(n, commit=True))
         out[:, :, start : start + n] = prefix[:, :, start : start + n].float().cpu()
         if on_chunk is not None:
             on_chunk(start, x0)
@@ -213,12 +216,12 @@ def rollout(
         x = noise[:, :, first : first + n].to(device, dtype)
         for i, sigma in enumerate(sigmas):
             t = torch.full((batch, n), sigma * 1000.0, device=device)
-            flow = model(x, t, text, cache=cache.step(n, commit=False))
+            flow = forward(x, t, text, cache.step(n, commit=False))
             x0 = x.float() - sigma * flow
             if i + 1 < len(sigmas):
                 fresh = torch.randn(x0.shape, generator=gen).to(device)
                 x = ((1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * fresh).to(dtype)
-        model(x0.to(dtype), torch.zeros(batch, n, device=device), text, cache=cache.step(n, commit=True))
+        forward(x0.to(dtype), torch.zeros(batch, n, device=device), text, cache.step(n, commit=True))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         result.chunk_seconds.append(time.perf_counter() - tic)

@@ -75,6 +75,9 @@ class Rotary:
         idx = torch.as_tensor(pairs, dtype=torch.long, device="cpu")
         self.axes = axes[idx]
         self.freqs = freqs[idx]
+        # A copy per device, made once: a copy from host memory in every forward would stall the stream, and a
+        # CUDA graph cannot capture one.
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def full(cls, head_dim: int, theta: float = 10000.0) -> Rotary:
@@ -82,8 +85,11 @@ class Rotary:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (L, 3) -> cos, sin of shape (L, n_pairs) in float32."""
-        pos = positions.to(torch.float64).index_select(1, self.axes.to(positions.device))
-        angles = pos * self.freqs.to(positions.device)
+        device = positions.device
+        if device not in self._on_device:
+            self._on_device[device] = (self.axes.to(device), self.freqs.to(device))
+        axes, freqs = self._on_device[device]
+        angles = positions.to(torch.float64).index_select(1, axes) * freqs
         return angles.cos().float(), angles.sin().float()
 
     @staticmethod

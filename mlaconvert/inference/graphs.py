@@ -1,0 +1,69 @@
+"""A streaming rollout's steady state as CUDA graphs.
+
+Once the window is full, every forward of a chunk (each denoising step and the commit pass) has the same
+shapes: the ring buffer keeps every cached tensor in place, and only the chunk's values, its timesteps, the
+slots it writes and the positions change. A forward of the 1.3B model launches a few thousand small kernels,
+whose launch cost rivals their work at batch 1; replayed as one graph they cost one launch. `ChunkForward`
+captures the forward of each such shape once and replays it with the new inputs copied into the captured ones.
+Before the window fills, and off CUDA, it runs the model as it is: dense and latent models alike, since the
+graph holds whatever kernels the model's own forward ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from mlaconvert.modeling.cache import CacheStep
+from mlaconvert.modeling.model import WanModel
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # x, t, text, write_index, key_positions, query_positions: the graph reads these
+    output: torch.Tensor  # the graph writes this
+
+    def replay(self, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        for captured, value in zip(self.inputs, values, strict=True):
+            captured.copy_(value)
+        self.graph.replay()
+        return self.output.clone()  # the next replay overwrites the captured output
+
+
+class ChunkForward:
+    """`model(x, t, text, cache=step)` for the sampler, from a CUDA graph once the window is full (`graphs`)."""
+
+    def __init__(self, model: WanModel, graphs: bool):
+        self.model = model
+        self.enabled = graphs and next(model.parameters()).device.type == "cuda"
+        self.captured: dict[tuple[tuple[int, ...], ...], _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None  # the graphs never run at once: one pool
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        if not self.enabled or step.n_tokens < step.cache.window * step.cache.tokens_per_frame:
+            return self.model(x, t, text, cache=step)
+        values = (x, t, text, step.write_index, step.key_positions, step.query_positions)
+        key = tuple(tuple(v.shape) for v in values)
+        if key not in self.captured:
+            self.captured[key] = self._capture(values, step)
+        return self.captured[key].replay(values)
+
+    def _capture(self, values: tuple[torch.Tensor, ...], step: CacheStep) -> _Captured:
+        """Capture one forward of these shapes. A forward first runs on a side stream so that lazy set-up (cuBLAS
+        workspaces, the allocator's first blocks) happens outside the capture; it writes the chunk's own cache
+        slots with the chunk's own entries, which the replay then writes again."""
+        inputs = tuple(v.clone() for v in values)
+        x, t, text, write_index, key_positions, query_positions = inputs
+        static = dataclasses.replace(step, write_index=write_index, key_positions=key_positions, query_positions=query_positions)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model(x, t, text, cache=static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.model(x, t, text, cache=static)
+        return _Captured(graph, inputs, output)
