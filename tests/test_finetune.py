@@ -31,6 +31,7 @@ from mlaconvert.inference.sampling import SamplerSettings, rollout
 from mlaconvert.modeling.model import load_model
 from mlaconvert.training.clips import Clips
 from mlaconvert.training.finetune import FinetuneSettings, Trainer, finetune, load_pair
+from mlaconvert.training.finetune_settings import check_settings
 from mlaconvert.training.memory_plan import memory_plan
 from mlaconvert.training.objective import AttentionOutputs, chunk_timesteps, context_draw, distill_loss, noised, mla_parameter_names, set_trainable, trainable_names
 from mlaconvert.training.processes import Processes
@@ -200,9 +201,10 @@ def test_two_processes_make_the_update_of_one(work: Path) -> None:
 
 def test_a_sharded_run_killed_and_resumed_makes_the_update_of_one_process(work: Path) -> None:
     """FSDP2 over two processes (gloo): teacher and student sharded, stopped after step 1 as a kill would, resumed
-    from that checkpoint; the export equals one process's to float32 reduction-order noise."""
-    settings = dataclasses.replace(SMALL, max_steps=2)
-    run(work, "single-2", settings)
+    from that checkpoint; the export equals one process's to float32 reduction-order noise. Every tensor trains
+    (the root's too, which FSDP2 handles apart from the blocks'), over two micro-batches, with the gradient clipped."""
+    settings = dataclasses.replace(SMALL, max_steps=2, batch=4, accumulate=2, train="all", grad_clip=0.01)
+    run(work, "single-all", settings)
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "sampler"}
     sharded = json.dumps({**fields, "checkpoint_every": 1, "shard": True})
     script = Path(__file__).with_name("sharded_finetune.py")
@@ -216,7 +218,7 @@ def test_a_sharded_run_killed_and_resumed_makes_the_update_of_one_process(work: 
         assert seen["steps"] == [1, False, 2, True]
         assert seen["mixed"] == ["DTensor torch.bfloat16 grad None"] * 2 + ["DTensor torch.float32 grad torch.float32"] * 2
         assert seen["frozen_gathered_whole"]
-    one, two, start = weights(work / "single-2"), weights(work / "sharded"), weights(work / "mla")
+    one, two, start = weights(work / "single-all"), weights(work / "sharded"), weights(work / "mla")
     moved = [n for n in one if not torch.equal(one[n], start[n])]
     assert moved
     for name in one:
@@ -247,6 +249,9 @@ def test_a_sharded_plan_holds_a_share_of_each_tensor_and_two_whole_blocks(work: 
     blocks = [unit(s.state_dict, lambda n, i=i: n.startswith(f"blocks.{i}.")) for s in (student, teacher) for i in range(2)]
     roots = sum(unit(s.state_dict, lambda n: not n.startswith("blocks.")) for s in (student, teacher))
     assert two.gathered == 2 * max(blocks) + roots
+    # Micro-batches before a step's last keep whole gradients: FSDP2 reduce-scatters them only with the last.
+    accumulating = memory_plan(student.config, teacher.config, trained, processes=2, sharded=True, accumulate=2, **shape)
+    assert accumulating.gradients == two.gradients + count(student.state_dict, lambda n: n in trained) * 4
 
 
 def test_a_failure_on_rank_0_ends_every_process_at_once(work: Path, tmp_path: Path) -> None:
@@ -264,7 +269,7 @@ def test_a_failure_on_rank_0_ends_every_process_at_once(work: Path, tmp_path: Pa
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     errors = [rank.communicate(timeout=120)[1] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [1, 1]
-    assert "IsADirectoryError" in errors[0]  # a bug-like failure keeps its traceback on the rank that had it
+    assert "Traceback" in errors[0] and "train_log.jsonl" in errors[0]  # not an input error: it keeps its traceback
     assert errors[1].strip().count("\n") == 0 and "process 0 failed" in errors[1]
 
 
@@ -304,6 +309,8 @@ def test_bad_inputs_are_one_line_errors(work: Path, tmp_path: Path) -> None:
         run(work, "e", dataclasses.replace(SMALL, batch=3, accumulate=2))
     with pytest.raises(MlaconvertError, match="own-context is a share"):
         run(work, "f", dataclasses.replace(SMALL, own_context=1.5))
+    with pytest.raises(MlaconvertError, match="own-context cannot be combined with --shard"):
+        check_settings(dataclasses.replace(SMALL, own_context=0.5, frames=6, shard=True), processes=2)
     with pytest.raises(MlaconvertError, match="must reach past the training clip"):
         run(work, "g", dataclasses.replace(SMALL, horizon_frames=3))
 

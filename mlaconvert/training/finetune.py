@@ -203,15 +203,17 @@ class Trainer:
         own = (min(rows, round(s.own_context * s.batch)), s.sampler.window * frame_tokens, next(self.student.parameters()).dtype.itemsize)
         return memory_plan(cfg, self.teacher.config, self.trained, clip_tokens=2 * frames * frame_tokens, rows=rows,
                            dtype_bytes=default_dtype(procs.device).itemsize, processes=procs.world, sharded=s.shard,
+                           accumulate=s.accumulate,
                            checkpointing=s.gradient_checkpointing, layer_outputs=s.layer_loss_weight > 0, rollout=own)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps: the trained weights, the optimizer and schedule, and the position in the data."""
+        """What a checkpoint keeps: the trained weights, the optimizer and schedule, and the position in the data
+        (whole tensors on rank 0, which writes it; the other processes only take part in gathering them)."""
         return {
             "step": self.step_count,
             "data_position": self.data_position,
-            "params": full_parameters(self.student, self.trained),
-            "optimizer": optimizer_state(self.optimizer, self.student),
+            "params": full_parameters(self.student, self.trained, keep=self.procs.main),
+            "optimizer": optimizer_state(self.optimizer, self.student, keep=self.procs.main),
             "scheduler": self.scheduler.state_dict(),
         }
 
@@ -342,7 +344,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
     else:
         run.rows = [{"step": 0, "eval_loss": trainer.held_out_loss()}]
         if check is not None:
-            run.rows[0]["horizon"] = check.score(student, settings)
+            run.rows[0]["horizon"] = procs.same(check.score(student, settings))
             run.best = best_of(None, 0, run.rows[0]["horizon"], student)
         procs.on_main(lambda: append_row(output / LOG_NAME, run.rows[0]))
     return run
@@ -368,7 +370,7 @@ def _record(run: RunState, row: dict[str, Any], progress: Any, task: Any) -> Non
     if step % s.eval_every == 0 or step == s.max_steps:
         row["eval_loss"] = trainer.held_out_loss()
     if checkpoint and run.horizon is not None:
-        row["horizon"] = run.horizon.score(trainer.student, s)
+        row["horizon"] = trainer.procs.same(run.horizon.score(trainer.student, s))
         run.best = best_of(run.best, step, row["horizon"], trainer.student)
     run.rows.append(row)
     progress.update(task, completed=step, info=f"loss {row['loss']:.4g}  {row['tokens_per_s']:,.0f} tok/s")
@@ -390,7 +392,7 @@ def _finish(run: RunState) -> FinetuneResult:
     if run.best is not None:
         restore(trainer.student, run.best)
     after = measure_student(trainer.student, trainer.teacher, trainer.clips, trainer.settings, trainer.autocast)
-    trained = full_parameters(trainer.student, trainer.trained)
+    trained = full_parameters(trainer.student, trainer.trained, keep=trainer.procs.main)
     done = trainer.procs.on_main(lambda: _export(run, after, trained))
     if done is None:  # another process: rank 0 reports
         return FinetuneResult(run.output, trainer.step_count, True, None)

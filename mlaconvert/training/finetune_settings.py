@@ -107,6 +107,9 @@ def check_settings(settings: FinetuneSettings, processes: int = 1) -> None:
         raise MlaconvertError(
             f"--batch {s.batch} must divide evenly into {processes} process(es) x --accumulate {s.accumulate} micro-batches"
         )
+    if s.shard and s.own_context and processes > 1:
+        # Each process rolls out only the own-context rows it holds, a different number of sharded forwards each.
+        raise MlaconvertError("--own-context cannot be combined with --shard yet: drop one of them")
     if not 1 <= s.held_out < s.clips:
         raise MlaconvertError(f"held_out ({s.held_out}) must be at least 1 and below --clips ({s.clips})")
     if s.horizon_frames < 0 or s.horizon_clips < 1:

@@ -94,6 +94,7 @@ def memory_plan(
     dtype_bytes: int,
     processes: int = 1,
     sharded: bool = False,
+    accumulate: int = 1,
     checkpointing: bool = True,
     layer_outputs: bool = False,
     rollout: tuple[int, int, int] = (0, 0, 0),
@@ -103,7 +104,8 @@ def memory_plan(
     the layer loss keeps every self-attention output of student and teacher. `rollout` = (rows, cached tokens,
     bytes per value) of the own-context rollout, which runs without gradients before the training forward.
     Each process holds every weight (DDP, with its gradient buckets besides when there are several) or, `sharded`,
-    its 1/processes share of them and the units gathered whole."""
+    its 1/processes share of them and the units gathered whole; sharded micro-batches before a step's last one
+    (`accumulate`) keep their whole gradients, reduced only with the last."""
     frozen, trained_count = _parameter_counts(student, set(trained))["model"]
     teacher_count = parameter_count(teacher)
     share = processes if sharded else 1
@@ -119,7 +121,8 @@ def memory_plan(
         teacher_weights=-(-teacher_count // share) * dtype_bytes,
         student_frozen=-(-frozen // share) * dtype_bytes,
         student_trained=master,
-        gradients=master * (2 if processes > 1 and not sharded else 1),
+        gradients=master * (2 if processes > 1 and not sharded else 1)
+        + (trained_count * MASTER_BYTES if sharded and processes > 1 and accumulate > 1 else 0),
         optimizer=2 * master,
         activations=max(rows * clip_tokens * per_token, cache),
         processes=processes,

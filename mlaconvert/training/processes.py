@@ -69,6 +69,15 @@ class Processes:
         dist.broadcast(moved, src=0)
         return moved.to(tensor.device)
 
+    def same(self, value: T) -> T:
+        """Rank 0's `value` on every process: for what decides which collectives follow (the best check), so
+        that no process takes another branch over a last-digit difference of its own measurement."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
     def mean(self, values: list[float]) -> list[float]:
         """The mean over the processes of each value (the same list everywhere)."""
         stats = torch.tensor(values, dtype=torch.float64, device=self.device)

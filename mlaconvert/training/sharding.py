@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.model import WanModel
 from mlaconvert.training.processes import Processes
 
@@ -79,26 +80,48 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def full_parameters(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """CPU copies of the whole parameters named (all by default); with a sharded model every process calls it."""
+def _parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters by name, each as the optimizer holds it. FSDP2 leaves the root's own tensors (those
+    outside the blocks) gathered after a forward without gradients until the next backward, registered as plain
+    whole tensors: resharding first puts the sharded ones back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return dict(model.named_parameters())
+
+
+def full_parameters(model: nn.Module, names: Iterable[str] | None = None, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """CPU copies of the whole parameters named (all by default); with a sharded model every process calls it,
+    and those not `keep`ing them (all but the one that writes) take part in the gathering only."""
     wanted = None if names is None else set(names)
-    return {n: whole(p.detach()).to("cpu", copy=True) for n, p in model.named_parameters() if wanted is None or n in wanted}
+    out = {}
+    for name, param in _parameters(model).items():
+        if wanted is None or name in wanted:
+            value = whole(param.detach())
+            if keep:
+                out[name] = value.to("cpu", copy=True)
+    return out
 
 
 @torch.no_grad()
 def load_parameters(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Write whole tensors into the model's parameters of those names (each process into its rows)."""
-    named = dict(model.named_parameters())
+    named = _parameters(model)
     for name, value in values.items():
         own_part(named[name]).copy_(own_part(like(value, named[name])))
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-    """The optimizer's state as whole CPU tensors keyed by parameter name (with a sharded model every process
-    calls it), and its hyperparameter groups."""
-    names = {p: n for n, p in model.named_parameters()}
-    state = {names[p]: {k: whole(v).to("cpu", copy=True) for k, v in optimizer.state[p].items()}
-             for group in optimizer.param_groups for p in group["params"] if p in optimizer.state}
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, *, keep: bool = True) -> dict[str, Any]:
+    """The optimizer's state as whole CPU tensors keyed by parameter name, and its hyperparameter groups (with a
+    sharded model every process calls it; see `full_parameters` for `keep`)."""
+    names = {p: n for n, p in _parameters(model).items()}
+    state = {}
+    for p in (p for group in optimizer.param_groups for p in group["params"] if p in optimizer.state):
+        entry = {k: whole(v) for k, v in optimizer.state[p].items()}
+        if keep:
+            state[names[p]] = {k: v.to("cpu", copy=True) for k, v in entry.items()}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "names": [names[p] for p in g["params"]]}
               for g in optimizer.param_groups]
     return {"state": state, "param_groups": groups}
@@ -106,7 +129,10 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]) -> None:
     """Restore what `optimizer_state` saved, each process taking its rows of the per-parameter tensors."""
-    named = dict(model.named_parameters())
+    if any("names" not in g for g in saved["param_groups"]):
+        raise MlaconvertError("the checkpoint's optimizer state is in the format of an older mlaconvert, which this one "
+                              "cannot resume: start the run over with --force")
+    named = _parameters(model)
     names = {p: n for n, p in named.items()}
     ids = {names[p]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state = {ids[n]: {k: like(v, named[n]) if v.shape == named[n].shape else v for k, v in entry.items()}
