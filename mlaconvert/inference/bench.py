@@ -165,7 +165,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "torch": torch.__version__,
         "settings": {**settings.__dict__},
         "mode": ("torch.compile (dynamic) of every block" if settings.compile else "eager PyTorch")
-        + (", steady state as CUDA graphs" if settings.graphs else "") + ", both variants",
+        + (", steady state as CUDA graphs" if settings.graphs and dev.type == "cuda" else "") + ", both variants",
         "paths": paths,
         "rows": rows,
         "card_gib": card,
