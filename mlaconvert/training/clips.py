@@ -156,10 +156,11 @@ def generate_clips(
 
 def training_clips(settings: FinetuneSettings, config: WanConfig, teacher: WanModel, teacher_sha: str, folder: Path, *,
                    data: str | Path | None, prompts: list[str] | None, encoder: str | None, device: torch.device,
-                   progress: Any, save: bool = True) -> Clips:
+                   progress: Any, save: bool = True, agree: Callable[[bool], bool] = bool) -> Clips:
     """The user's clips; for a model of the built-in world, fresh clips of that world; else the teacher's,
     generated unless cached in `folder`, and saved there if `save` (under torchrun every process generates them,
-    since a sharded teacher's forwards take them all, and rank 0 saves)."""
+    since a sharded teacher's forwards take them all, and rank 0 saves). `agree` makes the processes' answers to
+    "cached?" one (rank 0's), so that all of them generate or none does, whatever their own disks hold."""
     if data is not None:
         clips = load_clips(data, config, settings.sampler.chunk)
     elif config.world is not None:
@@ -167,7 +168,7 @@ def training_clips(settings: FinetuneSettings, config: WanConfig, teacher: WanMo
     else:
         key = generation_key(settings, teacher_sha, prompts)
         path = folder / key / CLIPS_FILE
-        if path.is_file():
+        if agree(path.is_file()):
             clips = load_clips(path.parent, config, settings.sampler.chunk)
         else:
             task = progress.add_task("generate", total=settings.clips, info="teacher rollouts")

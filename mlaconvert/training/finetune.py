@@ -318,7 +318,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
     if not resume:
         procs.on_main(lambda: clear_output(output, products=(AGREEMENT_NAME,)))
     made = training_clips(settings, config, teacher_model, teacher_sha, Path(cache_dir or output / "data"), data=data,
-                          prompts=prompts, encoder=encoder, device=dev, progress=progress, save=procs.main)
+                          prompts=prompts, encoder=encoder, device=dev, progress=progress, save=procs.main, agree=procs.same)
     made.latents, made.text = procs.broadcast(made.latents), procs.broadcast(made.text)
     trainer.clips = made
     fingerprint = {
