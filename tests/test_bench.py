@@ -31,6 +31,32 @@ def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, mon
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_decode_streams_every_chunk_to_pixels_and_gives_the_end_to_end_rate(monkeypatch):
+    pytest.importorskip("diffusers")
+    from mlaconvert.inference.video import StreamingDecoder
+
+    frames_out = []
+    decode = StreamingDecoder.decode
+
+    def counted(self, x0):
+        pixels = decode(self, x0)
+        frames_out.append(pixels.shape[2])
+        return pixels
+
+    monkeypatch.setattr(StreamingDecoder, "decode", counted)
+    settings = BenchSettings(preset="tiny", height=64, width=48, windows=(4,), chunks=(2,), batches=(1,), dc=32,
+                             rope_dim=16, timed_chunks=2, long_seconds=1, decode=True)
+    report = run_bench(settings, device="cpu")
+    # Per rollout (batches 1 and 2 of each variant; none for the long one): 1 + 4 (f - 1) pixel frames from the
+    # first chunk, as Wan's causal VAE makes them, then 4 f from each later one: the decoder restarts each video.
+    assert frames_out == [5, 8, 8, 8] * 4
+    for row in report["rows"]:
+        assert row["decode_latency_s"] > 0
+        assert row["fps_end_to_end"] == pytest.approx(row["batch"] * 2 * 4 / (row["chunk_latency_s"] + row["decode_latency_s"]))
+    dense, mla = report["rows"]
+    assert report["ratios"]["w4/c2/b1"]["throughput_end_to_end"] == pytest.approx(mla["fps_end_to_end"] / dense["fps_end_to_end"])
+
+
 def test_a_batch_out_of_memory_is_a_row_of_its_own_and_the_rest_still_runs(tmp_path, monkeypatch):
     import torch
 
@@ -38,10 +64,10 @@ def test_a_batch_out_of_memory_is_a_row_of_its_own_and_the_rest_still_runs(tmp_p
 
     measure = bench._measure
 
-    def dense_runs_out_at_two(model, batch, *args):
+    def dense_runs_out_at_two(model, batch, *args, **options):
         if batch == 2 and not model.config.is_mla:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return measure(model, batch, *args)
+        return measure(model, batch, *args, **options)
 
     monkeypatch.setattr(bench, "_measure", dense_runs_out_at_two)
     settings = BenchSettings(preset="tiny", height=64, width=48, windows=(6,), chunks=(2,), batches=(1, 2), dc=32,

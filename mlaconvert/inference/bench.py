@@ -27,6 +27,7 @@ from mlaconvert.devices import GiB, choose_device, default_dtype
 from mlaconvert.fields import help_of, setting
 from mlaconvert.inference.sampling import (FRAMES_PER_LATENT, ROPE_TABLE, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for,
                                            rollout)
+from mlaconvert.inference.video import StreamingDecoder, random_vae
 from mlaconvert.modeling.config import MLAConfig, WanConfig, preset
 from mlaconvert.modeling.model import WanModel
 from mlaconvert.modeling.rope import leading_rope_pairs
@@ -52,6 +53,7 @@ class BenchSettings:
     variants: tuple[str, ...] = ("dense", "mla")
     compile: bool = setting(False, "torch.compile the blocks of both variants.")
     graphs: bool = setting(False, "Replay each steady-state forward of both variants as a CUDA graph.")
+    decode: bool = setting(False, "Decode every chunk with a random-weight Wan 2.1 VAE as it is made (needs diffusers): end-to-end fps.")
 
 
 def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
@@ -75,15 +77,21 @@ def _rollouts_per_variant(settings: BenchSettings) -> int:
     return grid + (settings.long_seconds > 0)
 
 
-def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], settings: SamplerSettings) -> dict[str, Any]:
+def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], settings: SamplerSettings,
+             decoder: StreamingDecoder | None = None) -> dict[str, Any]:
     cfg = model.config
     text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(settings.seed)) * 0.1
     torch.cuda.empty_cache()
-    result = rollout(model, text, frames=frames, latent_size=latent_size, settings=settings)
+    decoding: list[float] = []
+    if decoder is not None:
+        decoder.reset()
+    result = rollout(model, text, frames=frames, latent_size=latent_size, settings=settings,
+                     on_chunk=None if decoder is None else lambda _first, x0: decoding.append(_timed_decode(decoder, x0)))
     chunks_to_fill = -(-settings.window // settings.chunk)
     steady = result.chunk_seconds[chunks_to_fill:] or result.chunk_seconds[-1:]
     latency = statistics.median(steady)
-    return {
+    video_frames = batch * settings.chunk * FRAMES_PER_LATENT
+    row = {
         "batch": batch,
         "window": settings.window,
         "chunk": settings.chunk,
@@ -91,11 +99,26 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         "chunk_latency_s": latency,
         "first_chunk_s": result.chunk_seconds[0],  # the first chunk of a variant's first rollout includes its warm-up
         "first_steady_chunk_s": steady[0],  # with --graphs, this one captures them
-        "fps": batch * settings.chunk * FRAMES_PER_LATENT / latency,
+        "fps": video_frames / latency,
         "peak_memory_gib": None if result.peak_memory is None else result.peak_memory / GiB,
         "cache_mib": result.cache_bytes / 2**20,
         "cached_values_per_token": cfg.kv_values_per_token(),
     }
+    if decoding:
+        decode = statistics.median(decoding[chunks_to_fill:] or decoding[-1:])
+        row.update({"decode_latency_s": decode, "fps_end_to_end": video_frames / (latency + decode)})
+    return row
+
+
+def _timed_decode(decoder: StreamingDecoder, x0: torch.Tensor) -> float:
+    """Seconds to decode one chunk to pixels, the device's queue drained before and after."""
+    if x0.is_cuda:
+        torch.cuda.synchronize(x0.device)
+    tic = time.perf_counter()
+    pixels = decoder.decode(x0)
+    if pixels.is_cuda:
+        torch.cuda.synchronize(pixels.device)
+    return time.perf_counter() - tic
 
 
 def _bench_device(settings: BenchSettings, device: str | None) -> tuple[WanConfig, torch.device]:
@@ -128,8 +151,11 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     with progress_bar() as progress:
         task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
 
-        def measure(*args: Any) -> dict[str, Any]:
-            row = _measure(*args)
+        decoder = StreamingDecoder(random_vae(dense_cfg.out_dim, small=settings.preset == "tiny", device=dev,
+                                              dtype=default_dtype(dev))) if settings.decode else None
+
+        def measure(*args: Any, **options: Any) -> dict[str, Any]:
+            row = _measure(*args, **{"decoder": decoder, **options})
             progress.advance(task)
             return row
 
@@ -153,7 +179,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
                 )
                 sampler = dataclasses.replace(sampler, graphs=settings.graphs)
                 frames = latent_frames_for(settings.long_seconds)
-                long[variant] = {**measure(model, 1, frames, latent_size, sampler), "seconds_of_video": settings.long_seconds}
+                # The DiT's own peak: the decoder's activations stay out of the memory targets' rollout.
+                long[variant] = {**measure(model, 1, frames, latent_size, sampler, decoder=None), "seconds_of_video": settings.long_seconds}
             long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
             del model
             torch.cuda.empty_cache()
@@ -165,7 +192,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "torch": torch.__version__,
         "settings": {**settings.__dict__},
         "mode": ("torch.compile (dynamic) of every block" if settings.compile else "eager PyTorch")
-        + (", steady state as CUDA graphs" if settings.graphs and dev.type == "cuda" else "") + ", both variants",
+        + (", steady state as CUDA graphs" if settings.graphs and dev.type == "cuda" else "") + ", both variants"
+        + (", every chunk decoded by a random-weight Wan 2.1 VAE in the compute dtype" if settings.decode else ""),
         "paths": paths,
         "rows": rows,
         "card_gib": card,
@@ -250,6 +278,7 @@ def _ratios(report: dict[str, Any]) -> dict[str, Any]:
         d = dense[key]
         out[f"w{key[0]}/c{key[1]}/b{key[2]}"] = {
             "throughput": r["fps"] / d["fps"],
+            **({"throughput_end_to_end": r["fps_end_to_end"] / d["fps_end_to_end"]} if "fps_end_to_end" in r else {}),
             "cache": r["cache_mib"] / d["cache_mib"],
             "peak_memory": r["peak_memory_gib"] / d["peak_memory_gib"] if d["peak_memory_gib"] else None,
             "cached_values_per_token": f"{r['cached_values_per_token']} vs {d['cached_values_per_token']}",
@@ -267,16 +296,21 @@ def print_bench(report: dict[str, Any], console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"dense vs MLA on {report['device']} ({report['mode']})", title_justify="left")
-    for name in ("variant", "window", "chunk", "batch", "values/token", "cache MiB", "peak GiB", "chunk s", "fps"):
+    decoded = any("fps_end_to_end" in r for r in report["rows"])
+    names = ("variant", "window", "chunk", "batch", "values/token", "cache MiB", "peak GiB", "chunk s", "fps")
+    for name in names + (("decode s", "fps with decode") if decoded else ()):
         table.add_column(name, justify="right")
     for r in report["rows"]:
         if r.get("oom"):
-            table.add_row(r["variant"], str(r["window"]), str(r["chunk"]), str(r["batch"]), "", "", "OOM", "", "")
+            table.add_row(r["variant"], str(r["window"]), str(r["chunk"]), str(r["batch"]), "", "", "OOM", *[""] * (len(table.columns) - 7))
             continue
-        table.add_row(
+        cells = [
             r["variant"], str(r["window"]), str(r["chunk"]), str(r["batch"]), str(r["cached_values_per_token"]),
             f"{r['cache_mib']:.1f}", "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}", f"{r['chunk_latency_s']:.3f}", f"{r['fps']:.1f}",
-        )
+        ]
+        if decoded:
+            cells += [f"{r['decode_latency_s']:.3f}", f"{r['fps_end_to_end']:.1f}"]
+        table.add_row(*cells)
     console.print(table)
     for key, value in report["ratios"].items():
         if isinstance(value, dict):

@@ -58,6 +58,20 @@ def load_vae(
     return vae.to(choose_device(device)).eval()
 
 
+def random_vae(z_dim: int = 16, *, small: bool = False, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKLWan:
+    """Wan 2.1's VAE (diffusers' defaults) with seeded random weights: what decoding costs, without a download.
+    `small` shrinks its widths for CPU tests; a z_dim other than 16 gets neutral latent statistics."""
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError as e:
+        raise MlaconvertError("decoding video needs diffusers: install mlaconvert[video]") from e
+    shape = {"base_dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1} if small else {}
+    stats = {} if z_dim == 16 else {"latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim}
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(z_dim=z_dim, **shape, **stats).to(choose_device(device), dtype).eval()
+
+
 class StreamingDecoder:
     """Decodes one video's normalised latents chunk by chunk; `reset()` before the next video.
 
