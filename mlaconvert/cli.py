@@ -352,8 +352,8 @@ def bench(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for bench-<device>.json and .png (default: bench-PRESET-DEVICE)."),
     chosen: dict[str, Any] = options(
         BenchSettings, "preset", "height", "width", "steps", "windows", "chunks", "batches", "dc", "rope_dim", "timed_chunks",
-        "long_seconds", "budget_gib", "compile", "graphs", "decode", windows="--window", chunks="--chunk", batches="--batch",
-        graphs="--graphs/--no-graphs", decode="--decode/--no-decode",
+        "long_seconds", "budget_gib", "compile", "graphs", "profile", "decode", windows="--window", chunks="--chunk", batches="--batch",
+        graphs="--graphs/--no-graphs", profile="--profile/--no-profile", decode="--decode/--no-decode",
     ),
     device: Device = None,
     force: bool = typer.Option(False, "--force", help="Write into an existing output folder (replacing files of the same name)."),

@@ -101,3 +101,28 @@ def test_bench_without_cuda_is_refused_in_one_line(monkeypatch):
         run_bench(BenchSettings(), device="cuda")
     with pytest.raises(MlaconvertError, match=r"\d\.\dB-parameter model on the CPU would take hours; pass --device cpu"):
         run_bench(BenchSettings())  # the default device policy never lands a full-size model on the CPU
+
+
+def test_kernels_and_operators_are_sorted_into_attention_matmul_and_the_rest():
+    from mlaconvert.inference.profile import kind_of
+
+    # Kernel names from the committed H200 profile, and the CPU operators that stand for them.
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
+    assert kind_of("nvjet_sm90_tst_192x144_64x5_2x1_v_bz_coopB_bias_TNT") == "matmul"
+    assert kind_of("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl>") == "other"
+    assert kind_of("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>") == "other"
+    assert [kind_of(op) for op in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul")] == [
+        "matmul", "attention", "other"]
+
+
+def test_profile_splits_one_steady_forward_and_sets_its_floor_by_its_flops(tmp_path):
+    settings = BenchSettings(preset="tiny", height=64, width=48, windows=(6,), chunks=(2,), batches=(1,), dc=32,
+                             rope_dim=16, timed_chunks=1, long_seconds=0, profile=True)
+    report = run_bench(settings, device="cpu")
+    assert set(report["profile"]) == {"dense", "mla"}
+    for p in report["profile"].values():
+        kernel, flops, rates = p["kernel_ms"], p["flops"], p["rates_tflops"]
+        assert kernel["total"] == pytest.approx(kernel["attention"] + kernel["matmul"] + kernel["other"])
+        assert kernel["matmul"] > 0 and flops["matmul"] > 0 and p["wall_ms"] > 0
+        floor = (flops["matmul"] / rates["matmul"] + flops["attention"] / rates["attention"]) / 1e12 * 1e3
+        assert p["floor_ms"] == pytest.approx(floor)

@@ -27,6 +27,7 @@ from mlaconvert.devices import GiB, choose_device, default_dtype
 from mlaconvert.fields import help_of, setting
 from mlaconvert.inference.sampling import (FRAMES_PER_LATENT, ROPE_TABLE, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for,
                                            rollout)
+from mlaconvert.inference.profile import device_rates, forward_breakdown, steady_forward
 from mlaconvert.inference.video import StreamingDecoder, random_vae
 from mlaconvert.modeling.config import MLAConfig, WanConfig, preset
 from mlaconvert.modeling.model import WanModel
@@ -53,6 +54,7 @@ class BenchSettings:
     variants: tuple[str, ...] = ("dense", "mla")
     compile: bool = setting(False, "torch.compile the blocks of both variants.")
     graphs: bool = setting(False, "Replay each steady-state forward of both variants as a CUDA graph.")
+    profile: bool = setting(False, "Profile one steady-state forward of each variant at batch 1: kernel time by kind beside its FLOP floor.")
     decode: bool = setting(False, "Decode every chunk with a random-weight Wan 2.1 VAE as it is made (needs diffusers): end-to-end fps.")
 
 
@@ -144,6 +146,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
     streams: dict[str, Any] = {}
     long: dict[str, Any] = {}
     paths: dict[str, dict[str, Any]] = {}
+    profiles: dict[str, dict[str, Any]] = {}
+    rates: dict[str, float] = {}
     # The card's memory free to this process (its CUDA context and any other process's use come off the total).
     card = torch.cuda.mem_get_info(dev)[0] / GiB if dev.type == "cuda" else None
     _warm_up(dev)
@@ -182,6 +186,11 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
                 # The DiT's own peak: the decoder's activations stay out of the memory targets' rollout.
                 long[variant] = {**measure(model, 1, frames, latent_size, sampler, decoder=None), "seconds_of_video": settings.long_seconds}
             long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
+            if settings.profile:
+                rates = rates or device_rates(dev, default_dtype(dev), 4096 if dev.type == "cuda" else 256)
+                forward = steady_forward(model, chunk=settings.chunks[0], window=settings.windows[0], latent_size=latent_size,
+                                         seed=settings.seed)
+                profiles[variant] = forward_breakdown(forward, dev, rates)
             del model
             torch.cuda.empty_cache()
 
@@ -199,6 +208,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "card_gib": card,
         "streams_in_budget": streams,
         "long_rollout": long,
+        "profile": profiles,
         "seconds": time.perf_counter() - start,
     }
     report["ratios"] = _ratios(report)
@@ -324,6 +334,10 @@ def print_bench(report: dict[str, Any], console: Console) -> None:
     for variant, path in report.get("paths", {}).items():
         if path.get("time_to_first_chunk_s") is not None:
             console.print(f"time to the first chunk, {variant}: {path['time_to_first_chunk_s']:.1f} s", highlight=False)
+    for variant, p in report.get("profile", {}).items():
+        k = p["kernel_ms"]
+        console.print(f"one forward, {variant}: wall {p['wall_ms']:.1f} ms, kernels {k['total']:.1f} ms (attention {k['attention']:.1f}, "
+                      f"matmul {k['matmul']:.1f}, other {k['other']:.1f}), FLOP floor {p['floor_ms']:.1f} ms", highlight=False)
     for variant, value in report["long_rollout"].items():
         if variant != "weights_gib":
             peak = "-" if value["peak_memory_gib"] is None else f"{value['peak_memory_gib']:.2f}"
