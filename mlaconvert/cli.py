@@ -139,7 +139,6 @@ def finetune(
         FinetuneSettings, "max_steps", "batch", "accumulate", "shard", "lr", "warmup", "train", "layer_loss_weight", "own_context", "context_noise", "horizon_frames", "clips", "frames",
         "height", "width", "chunk", "sampler_steps", "sampler_timesteps", "shift", "checkpoint_every", "gradient_checkpointing",
         "seed", sampler_steps="--steps", sampler_timesteps="--timesteps", gradient_checkpointing="--checkpointing/--no-checkpointing",
-        shard="--shard/--no-shard",
     ),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of *.safetensors clips ('latents' N,C,F,h,w and 'prompt_embeds' N,L,D) instead of generating."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line, for generated clips (needs the umT5 encoder)."),
@@ -249,7 +248,7 @@ def eval_(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A dense teacher to compare with (default: the source an MLA export records)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of *.safetensors clips with known continuations (as finetune --data); default: fresh clips of the model's world."),
     chosen: dict[str, Any] = options(EvalSettings, "clips", "frames", "prefix", "batch", "seed", prefix="--prefix-frames"),
-    sampler: dict[str, Any] = options(SamplerOptions, "steps", "timesteps", "shift", "chunk", "window", "sink", "positions"),
+    sampler: dict[str, Any] = options(SamplerOptions, "steps", "timesteps", "shift", "chunk", "window", "sink", "positions", "graphs"),
     device: Device = None,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
@@ -353,7 +352,6 @@ def bench(
     chosen: dict[str, Any] = options(
         BenchSettings, "preset", "height", "width", "steps", "windows", "chunks", "batches", "dc", "rope_dim", "timed_chunks",
         "long_seconds", "budget_gib", "compile", "graphs", "profile", "decode", windows="--window", chunks="--chunk", batches="--batch",
-        graphs="--graphs/--no-graphs", profile="--profile/--no-profile", decode="--decode/--no-decode",
     ),
     device: Device = None,
     force: bool = typer.Option(False, "--force", help="Write into an existing output folder (replacing files of the same name)."),

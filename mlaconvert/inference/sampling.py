@@ -75,7 +75,7 @@ class SamplerSettings:
         settings = cls(
             chunk=either(given.chunk, own.chunk), window=either(given.window, own.window),
             sink=either(given.sink, own.sink), timesteps=schedule, shift=either(given.shift, own.shift),
-            positions=either(given.positions, own.positions), seed=given.seed,
+            positions=either(given.positions, own.positions), seed=given.seed, graphs=given.graphs,
         )
         settings.check()
         return settings
@@ -116,6 +116,7 @@ class SamplerOptions:
     positions: str | None = setting(
         None, "RoPE positions: absolute, reindex (inside the window) or auto (default: the model's own).")
     seed: int = setting(SamplerSettings.seed, "Seed for all noise.")
+    graphs: bool = setting(False, "On CUDA, replay each forward against the full window as a CUDA graph (the same frames, fewer launches).")
 
 
 @dataclass
