@@ -76,12 +76,14 @@ def _parameter_counts(config: WanConfig, trained: set[str]) -> dict[str, tuple[i
 
 
 def _gathered(student: WanConfig, teacher: WanConfig, trained: set[str], dtype_bytes: int) -> int:
-    """Bytes of the sharded units held whole at once: two blocks of the larger model and both roots."""
+    """Bytes of the sharded units held whole at once: two blocks of the larger model, both roots, and one student
+    block's whole float32 gradients on their way to the reduce-scatter."""
     def unit_bytes(frozen_trained: tuple[int, int]) -> int:
         return frozen_trained[0] * dtype_bytes + frozen_trained[1] * MASTER_BYTES
 
     ours, theirs = _parameter_counts(student, trained), _parameter_counts(teacher, set())
-    return 2 * max(unit_bytes(ours["block"]), unit_bytes(theirs["block"])) + unit_bytes(ours["root"]) + unit_bytes(theirs["root"])
+    blocks = 2 * max(unit_bytes(ours["block"]), unit_bytes(theirs["block"]))
+    return blocks + unit_bytes(ours["root"]) + unit_bytes(theirs["root"]) + ours["block"][1] * MASTER_BYTES
 
 
 def memory_plan(
