@@ -47,8 +47,9 @@ def test_decode_streams_every_chunk_to_pixels_and_gives_the_end_to_end_rate(monk
     settings = BenchSettings(preset="tiny", height=64, width=48, windows=(4,), chunks=(2,), batches=(1,), dc=32,
                              rope_dim=16, timed_chunks=2, long_seconds=1, decode=True)
     report = run_bench(settings, device="cpu")
-    # Per rollout (batches 1 and 2 of each variant; none for the long one): 1 + 4 (f - 1) pixel frames from the
-    # first chunk, as Wan's causal VAE makes them, then 4 f from each later one: the decoder restarts each video.
+    # Per rollout (batches 1 and 2 of each variant; none for the long one, which measures the DiT's memory alone):
+    # 1 + 4 (f - 1) pixel frames from the first chunk, as Wan's causal VAE makes them, then 4 f from each later one:
+    # the decoder restarts each video.
     assert frames_out == [5, 8, 8, 8] * 4
     for row in report["rows"]:
         assert row["decode_latency_s"] > 0
@@ -113,6 +114,9 @@ def test_kernels_and_operators_are_sorted_into_attention_matmul_and_the_rest():
     assert kind_of("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>") == "other"
     assert [kind_of(op) for op in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul")] == [
         "matmul", "attention", "other"]
+    # Compiled blocks: Inductor names fused elementwise kernels after the operators around them.
+    assert kind_of("triton_poi_fused_addmm_gelu_3") == "other" and kind_of("triton_tem_fused_mm_0") == "matmul"
+    assert kind_of("triton_poi_fused__scaled_dot_product_flash_attention_cat_7") == "other"
 
 
 def test_profile_splits_one_steady_forward_and_sets_its_floor_by_its_flops(tmp_path):

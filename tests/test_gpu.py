@@ -70,21 +70,24 @@ def test_gpu_rollout_is_reproducible_and_matches_cpu(tiny_mla):
 @pytest.mark.parametrize("kind", ["dense", "mla"])
 @pytest.mark.parametrize("positions", ["absolute", "reindex"])
 def test_cuda_graphs_replay_the_eager_rollout(tiny, tiny_mla, kind, positions, monkeypatch):
-    """The steady state replayed as CUDA graphs gives the eager rollout's frames, in bf16 as served; one capture
-    serves every denoising step and commit pass of every chunk once the window (6 frames, a sink of 1) is full."""
-    from mlaconvert.inference.graphs import ChunkForward
+    """The steady state replayed as CUDA graphs gives the eager rollout's frames, in bf16 as served. Once the window
+    (6 frames, a sink of 1) is full, one capture serves every denoising step and commit pass of the 2-frame chunks,
+    and a second one the last, 1-frame chunk, from the same memory pool."""
+    from mlaconvert.inference.graphs import ChunkForward, _Captured
 
     ckpt = tiny if kind == "dense" else tiny_mla
     model = load_model(ckpt.config, ckpt.state_dict, device="cuda", dtype=torch.bfloat16).eval()
-    captures = []
-    capture = ChunkForward._capture
+    captures, replays = [], []
+    capture, replay = ChunkForward._capture, _Captured.replay
     monkeypatch.setattr(ChunkForward, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
+    monkeypatch.setattr(_Captured, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
     text = torch.randn(2, 32, 64)
     eager = SamplerSettings(chunk=2, window=6, sink=1, seed=3, positions=positions)
     graphed = SamplerSettings(chunk=2, window=6, sink=1, seed=3, positions=positions, graphs=True)
-    a = rollout(model, text, frames=14, latent_size=(4, 6), settings=eager)
-    b = rollout(model, text, frames=14, latent_size=(4, 6), settings=graphed)
-    assert len(captures) == 1
+    a = rollout(model, text, frames=13, latent_size=(4, 6), settings=eager)
+    b = rollout(model, text, frames=13, latent_size=(4, 6), settings=graphed)
+    # Chunks 3-6 (2 frames) and 7 (1 frame) run against the full window: each its denoising steps and commit pass.
+    assert len(captures) == 2 and len(replays) == 5 * (len(eager.timesteps) + 1)
     torch.testing.assert_close(b.latents, a.latents, atol=2e-2, rtol=2e-2)
 
 

@@ -19,6 +19,8 @@ import torch
 from mlaconvert.modeling.cache import CacheStep
 from mlaconvert.modeling.model import WanModel
 
+WARM_UP = 3  # forwards before a capture, as PyTorch's own examples run
+
 
 @dataclass
 class _Captured:
@@ -52,16 +54,17 @@ class ChunkForward:
         return self.captured[key].replay(values)
 
     def _capture(self, values: tuple[torch.Tensor, ...], step: CacheStep) -> _Captured:
-        """Capture one forward of these shapes. A forward first runs on a side stream so that lazy set-up (cuBLAS
-        workspaces, the allocator's first blocks) happens outside the capture; it writes the chunk's own cache
-        slots with the chunk's own entries, which the replay then writes again."""
+        """Capture one forward of these shapes. Forwards first run on a side stream so that lazy set-up (cuBLAS
+        workspaces, the allocator's first blocks, compiled blocks' recompiles) happens outside the capture; they
+        write the chunk's own cache slots with the chunk's own entries, which the replay then writes again."""
         inputs = tuple(v.clone() for v in values)
         x, t, text, write_index, key_positions, query_positions = inputs
         static = dataclasses.replace(step, write_index=write_index, key_positions=key_positions, query_positions=query_positions)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model(x, t, text, cache=static)
+            for _ in range(WARM_UP):
+                self.model(x, t, text, cache=static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

@@ -18,17 +18,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mlaconvert.inference.graphs import ChunkForward
 from mlaconvert.modeling.cache import KVCache
 from mlaconvert.modeling.model import WanModel
 
 ATTENTION = ("scaled_dot_product", "sdpa", "flash", "fmha", "attention")
-MATMUL = ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten.mm", "aten::bmm", "aten.bmm", "matmul", "conv")
+MATMUL = ("gemm", "gemv", "splitk", "nvjet", "cutlass", "xmma", "addmm", "baddbmm", "aten::mm", "aten.mm", "aten::bmm",
+          "aten.bmm", "_scaled_mm", "matmul", "conv")
 KINDS = ("attention", "matmul", "other")
 
 
 def kind_of(name: str) -> str:
-    """attention, matmul or other, from a kernel's or an operator's name."""
+    """attention, matmul or other, from a kernel's or an operator's name. Inductor names its fused elementwise
+    kernels after the operators they follow (triton_poi_fused_addmm_gelu_3): those are the rest, and only its
+    matrix templates (triton_tem_) are matrix products."""
     lower = name.lower()
+    if lower.startswith("triton_"):
+        return "matmul" if lower.startswith("triton_tem_") else "other"
     if any(key in lower for key in ATTENTION):
         return "attention"
     return "matmul" if any(key in lower for key in MATMUL) else "other"
@@ -36,8 +42,9 @@ def kind_of(name: str) -> str:
 
 @torch.no_grad()
 def steady_forward(model: WanModel, *, chunk: int, window: int, latent_size: tuple[int, int], batch: int = 1,
-                   seed: int = 0) -> Callable[[], torch.Tensor]:
-    """One denoising forward of a chunk against a full window, ready to run again and again."""
+                   seed: int = 0, graphs: bool = False) -> Callable[[], torch.Tensor]:
+    """One denoising forward of a chunk against a full window, ready to run again and again (`graphs`: as the
+    sampler runs it with --graphs)."""
     cfg = model.config
     param = next(model.parameters())
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +56,8 @@ def steady_forward(model: WanModel, *, chunk: int, window: int, latent_size: tup
     while cache.frames_committed < window:
         model(x, zero, text, cache=cache.step(chunk, commit=True))
     t = torch.full((batch, chunk), 500.0, device=param.device)
-    return torch.no_grad()(lambda: model(x, t, text, cache=cache.step(chunk, commit=False)))
+    forward = ChunkForward(model, graphs)
+    return torch.no_grad()(lambda: forward(x, t, text, cache.step(chunk, commit=False)))
 
 
 def _timed(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -73,12 +81,14 @@ def device_rates(device: torch.device, dtype: torch.dtype, size: int) -> dict[st
     return {"matmul": matmul, "attention": attention}
 
 
-def forward_breakdown(forward: Callable[[], torch.Tensor], device: torch.device, rates: dict[str, float]) -> dict[str, Any]:
-    """Wall time, kernel time by kind (on a CPU: operator time) and the FLOP floor of one call of `forward`."""
+def forward_breakdown(forward: Callable[[], torch.Tensor], device: torch.device, rates: dict[str, float],
+                      timed: Callable[[], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Kernel time by kind (on a CPU: operator time) and the FLOP floor of one call of `forward`, and the wall time
+    of one call of `timed` (default: `forward`), the same forward as the sampler runs it."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    wall = _timed(forward, device, 3)
+    wall = _timed(timed or forward, device, 3)
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         forward()
