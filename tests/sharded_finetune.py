@@ -1,8 +1,9 @@
-"""Run by `torchrun --nproc-per-node 2` from test_finetune.py: a sharded (FSDP2) finetune stopped after its first
-step, as a kill would stop it, then resumed to the end; and FSDP2 on a unit whose frozen tensors are bf16 beside
-float32 trained ones, as on a GPU. Each process writes what it saw to FINDINGS.<rank>.json for the test to check.
+"""Run by `torchrun --nproc-per-node 2` from test_finetune.py, in one process group: a finetune with a whole copy
+of the models in each process (DDP); a sharded (FSDP2) finetune stopped after its first step, as a kill would stop
+it, then resumed to the end; and FSDP2 on a unit whose frozen tensors are bf16 beside float32 trained ones, as on a
+GPU. Each process writes what it saw to FINDINGS.<rank>.json for the test to check.
 
-    sharded_finetune.py MODEL OUTPUT CLIP_CACHE SETTINGS_JSON FINDINGS
+    sharded_finetune.py MODEL CLIP_CACHE FINDINGS RUNS_JSON    (RUNS_JSON: {"ddp"|"sharded": [OUTPUT, SETTINGS]})
 """
 
 import json
@@ -16,8 +17,7 @@ from torch.distributed.fsdp import fully_shard
 
 import mlaconvert.training.finetune as ft
 
-model, output, cache, settings_json, findings = sys.argv[1:6]
-settings = ft.FinetuneSettings(**json.loads(settings_json))
+model, cache, findings, runs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 seen: dict = {"parameters": []}
 spread = ft.spread
 
@@ -41,6 +41,10 @@ ft.spread = spy
 # One process group for both runs, as a job that calls finetune twice would hold it: finetune then leaves it be
 # (initialising the default group a second time over the same store is not reliable).
 dist.init_process_group("gloo")
+output, settings = runs["ddp"]
+ft.finetune(model, output, ft.FinetuneSettings(**settings), cache_dir=cache, device="cpu", show_progress=False)
+output, settings = runs["sharded"]
+settings = ft.FinetuneSettings(**settings)
 stopped = ft.finetune(model, output, settings, cache_dir=cache, device="cpu", stop_after=1, show_progress=False)
 done = ft.finetune(model, output, settings, cache_dir=cache, device="cpu", resume=True, show_progress=False)
 seen["steps"] = [stopped.step, stopped.exported, done.step, done.exported]

@@ -180,51 +180,42 @@ def test_checkpointing_gives_the_same_gradients_with_the_layer_term(work: Path) 
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-9)
 
 
-def test_two_processes_make_the_update_of_one(work: Path) -> None:
-    settings = dataclasses.replace(SMALL, max_steps=2)
-    run(work, "single", settings)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mlaconvert", "finetune",
-        str(work / "mla"), "-o", str(work / "ddp"), "--cache-dir", str(work / "clips"), "--device", "cpu",
-        "--max-steps", "2", "--batch", "2", "--lr", "1e-3", "--warmup", "2", "--clips", "6", "--frames", "6", "--height", "64",
-        "--width", "64", "--checkpoint-every", "2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "x2;" in done.stdout
-    one, two = weights(work / "single"), weights(work / "ddp")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(one[n], weights(work / "mla")[n]) for n in one)
+def test_two_processes_make_the_update_of_one_whole_or_sharded_killed_and_resumed(work: Path) -> None:
+    """Two processes (torchrun, gloo) in one group. DDP: each a whole copy of the models, half the batch. FSDP2:
+    teacher and student sharded, stopped after step 1 as a kill would, resumed from that checkpoint, with every
+    tensor trained (the root's too, which FSDP2 handles apart from the blocks'), over two micro-batches, with the
+    gradient clipped. Each export equals one process's to float32 reduction-order noise."""
+    whole = dataclasses.replace(SMALL, max_steps=2)
+    sharded = dataclasses.replace(SMALL, max_steps=2, batch=4, accumulate=2, train="all", grad_clip=0.01)
+    run(work, "single", whole)
+    run(work, "single-all", sharded)
 
+    def fields(settings: FinetuneSettings, **changes: object) -> dict[str, object]:
+        return {**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "sampler"}, **changes}
 
-def test_a_sharded_run_killed_and_resumed_makes_the_update_of_one_process(work: Path) -> None:
-    """FSDP2 over two processes (gloo): teacher and student sharded, stopped after step 1 as a kill would, resumed
-    from that checkpoint; the export equals one process's to float32 reduction-order noise. Every tensor trains
-    (the root's too, which FSDP2 handles apart from the blocks'), over two micro-batches, with the gradient clipped."""
-    settings = dataclasses.replace(SMALL, max_steps=2, batch=4, accumulate=2, train="all", grad_clip=0.01)
-    run(work, "single-all", settings)
-    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "sampler"}
-    sharded = json.dumps({**fields, "checkpoint_every": 1, "shard": True})
+    runs = {"ddp": [str(work / "ddp"), fields(whole)],
+            "sharded": [str(work / "sharded"), fields(sharded, checkpoint_every=1, shard=True)]}
     script = Path(__file__).with_name("sharded_finetune.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-               str(work / "mla"), str(work / "sharded"), str(work / "clips"), sharded, str(work / "findings")]
+               str(work / "mla"), str(work / "clips"), str(work / "findings"), json.dumps(runs)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         seen = json.loads((work / f"findings.{rank}.json").read_text())
-        assert seen["parameters"] == [["DTensor"], ["DTensor"]]  # teacher and student sharded, in both runs
+        # DDP leaves the parameters whole; --shard splits teacher and student, in both of its runs.
+        assert seen["parameters"] == [["Parameter"], ["DTensor"], ["DTensor"]]
         assert seen["steps"] == [1, False, 2, True]
         assert seen["mixed"] == ["DTensor torch.bfloat16 grad None"] * 2 + ["DTensor torch.float32 grad torch.float32"] * 2
         assert seen["frozen_gathered_whole"]
-    one, two, start = weights(work / "single-all"), weights(work / "sharded"), weights(work / "mla")
-    moved = [n for n in one if not torch.equal(one[n], start[n])]
-    assert moved
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
-    report = json.loads((work / "sharded" / "rank_report.json").read_text())["finetune"]
-    assert report["processes"] == 2 and report["settings"]["shard"]
+    start = weights(work / "mla")
+    for one, two in (("single", "ddp"), ("single-all", "sharded")):
+        one, two = weights(work / one), weights(work / two)
+        assert any(not torch.equal(one[n], start[n]) for n in one)
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    for name, shard in (("ddp", False), ("sharded", True)):
+        report = json.loads((work / name / "rank_report.json").read_text())["finetune"]
+        assert report["processes"] == 2 and report["settings"]["shard"] == shard
 
 
 def test_a_sharded_plan_holds_a_share_of_each_tensor_and_two_whole_blocks(work: Path) -> None:
