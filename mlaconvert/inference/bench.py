@@ -9,7 +9,6 @@ of concurrent streams that fit a memory budget is extrapolated from the measured
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -177,18 +176,16 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
             paths[variant] = _sampler_path(model, settings)
             for window in settings.windows:
                 for chunk in settings.chunks:
-                    sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed)
-                    sampler = dataclasses.replace(sampler, graphs=settings.graphs)
+                    sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed,
+                                                        graphs=settings.graphs)
                     peaks, first = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
                     if first is not None:  # a (window, chunk) whose every batch ran out of memory has none
                         paths[variant].setdefault("time_to_first_chunk_s", first)
                     if 1 in peaks and 2 in peaks:
                         streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib, card)
             if settings.long_seconds > 0:
-                sampler = SamplerSettings.for_model(
-                    dense_cfg, steps=settings.steps, chunk=settings.chunks[0], window=settings.windows[0], seed=settings.seed
-                )
-                sampler = dataclasses.replace(sampler, graphs=settings.graphs)
+                sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=settings.chunks[0],
+                                                    window=settings.windows[0], seed=settings.seed, graphs=settings.graphs)
                 frames = latent_frames_for(settings.long_seconds)
                 # The memory targets' rollout: the DiT alone.
                 long[variant] = {**measure(model, 1, frames, latent_size, sampler, decoder=None), "seconds_of_video": settings.long_seconds}

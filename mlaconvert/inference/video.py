@@ -33,16 +33,21 @@ if TYPE_CHECKING:
 VAE_PATTERNS = ["config.json", "diffusion_pytorch_model*"]
 
 
+def _vae_class() -> type[AutoencoderKLWan]:
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError as e:
+        raise MlaconvertError("decoding video needs diffusers: install mlaconvert[video]") from e
+    return AutoencoderKLWan
+
+
 def load_vae(
     spec: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> AutoencoderKLWan:
     """Wan's VAE from a diffusers-layout Hub repo (`org/name[@revision]`, only `vae/` is fetched) or a local
     folder (a pipeline root with `vae/`, or the VAE folder itself), on `device` (default: CUDA when there is
     one) in `dtype` (default float32, as Wan's pipelines run it)."""
-    try:
-        from diffusers import AutoencoderKLWan
-    except ImportError as e:
-        raise MlaconvertError("decoding video needs diffusers: install mlaconvert[video]") from e
+    AutoencoderKLWan = _vae_class()
     folder = fetch_component(spec, "vae", VAE_PATTERNS)
     config = folder / "config.json"
     if not config.is_file():
@@ -62,10 +67,7 @@ def random_vae(z_dim: int = 16, *, small: bool = False, device: str | torch.devi
                dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKLWan:
     """Wan 2.1's VAE (diffusers' defaults) with seeded random weights: what decoding costs, without a download.
     `small` shrinks its widths for CPU tests; a z_dim other than 16 gets neutral latent statistics."""
-    try:
-        from diffusers import AutoencoderKLWan
-    except ImportError as e:
-        raise MlaconvertError("decoding video needs diffusers: install mlaconvert[video]") from e
+    AutoencoderKLWan = _vae_class()
     shape = {"base_dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1} if small else {}
     stats = {} if z_dim == 16 else {"latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim}
     torch.manual_seed(seed)

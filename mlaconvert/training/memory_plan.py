@@ -75,13 +75,13 @@ def _parameter_counts(config: WanConfig, trained: set[str]) -> dict[str, tuple[i
     return {"model": count(list(params)), "block": max(blocks, key=sum), "root": count([n for n in params if not n.startswith("blocks.")])}
 
 
-def _gathered(student: WanConfig, teacher: WanConfig, trained: set[str], dtype_bytes: int) -> int:
-    """Bytes of the sharded units held whole at once: two blocks of the larger model, both roots, and one student
-    block's whole float32 gradients on their way to the reduce-scatter."""
+def _gathered(ours: dict[str, tuple[int, int]], teacher: WanConfig, dtype_bytes: int) -> int:
+    """Bytes of the sharded units held whole at once (`ours`: the student's counts): two blocks of the larger model,
+    both roots, and one student block's whole float32 gradients on their way to the reduce-scatter."""
     def unit_bytes(frozen_trained: tuple[int, int]) -> int:
         return frozen_trained[0] * dtype_bytes + frozen_trained[1] * MASTER_BYTES
 
-    ours, theirs = _parameter_counts(student, trained), _parameter_counts(teacher, set())
+    theirs = _parameter_counts(teacher, set())
     blocks = 2 * max(unit_bytes(ours["block"]), unit_bytes(theirs["block"]))
     return blocks + unit_bytes(ours["root"]) + unit_bytes(theirs["root"]) + ours["block"][1] * MASTER_BYTES
 
@@ -108,7 +108,8 @@ def memory_plan(
     Each process holds every weight (DDP, with its gradient buckets besides when there are several) or, `sharded`,
     its 1/processes share of them and the units gathered whole; sharded micro-batches before a step's last one
     (`accumulate`) keep their whole gradients, reduced only with the last."""
-    frozen, trained_count = _parameter_counts(student, set(trained))["model"]
+    counts = _parameter_counts(student, set(trained))
+    frozen, trained_count = counts["model"]
     teacher_count = parameter_count(teacher)
     share = processes if sharded else 1
     master = -(-trained_count // share) * MASTER_BYTES
@@ -128,5 +129,5 @@ def memory_plan(
         optimizer=2 * master,
         activations=max(rows * clip_tokens * per_token, cache),
         processes=processes,
-        gathered=_gathered(student, teacher, set(trained), dtype_bytes) if sharded and processes > 1 else 0,
+        gathered=_gathered(counts, teacher, dtype_bytes) if sharded and processes > 1 else 0,
     )
