@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+from rich.console import Console
 
 from mlaconvert.checkpoints.builtin import TINY_WAN
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.inference.bench import BenchSettings, mla_variant, run_bench, write_bench
+from mlaconvert.inference.bench import BenchSettings, mla_variant, print_bench, run_bench, write_bench
 
 
 def test_bench_runs_both_variants_through_the_same_sampler(tmp_path, capsys, monkeypatch):
@@ -44,18 +46,24 @@ def test_decode_streams_every_chunk_to_pixels_and_gives_the_end_to_end_rate(monk
         return pixels
 
     monkeypatch.setattr(StreamingDecoder, "decode", counted)
-    settings = BenchSettings(preset="tiny", height=64, width=48, windows=(4,), chunks=(2,), batches=(1,), dc=32,
+    settings = BenchSettings(preset="tiny", height=64, width=48, windows=(4,), chunks=(2,), batches=(1, 2), dc=32,
                              rope_dim=16, timed_chunks=2, long_seconds=1, decode=True)
     report = run_bench(settings, device="cpu")
-    # Per rollout (batches 1 and 2 of each variant; none for the long one, which measures the DiT's memory alone):
+    # Per batch-1 rollout of each variant (none at batch 2, whose VAE time is twice one stream's, and none for the
+    # long one, which measures the DiT's memory alone):
     # 1 + 4 (f - 1) pixel frames from the first chunk, as Wan's causal VAE makes them, then 4 f from each later one:
     # the decoder restarts each video.
-    assert frames_out == [5, 8, 8, 8] * 4
-    for row in report["rows"]:
+    assert frames_out == [5, 8, 8, 8] * 2
+    one = [row for row in report["rows"] if row["batch"] == 1]
+    for row in one:
         assert row["decode_latency_s"] > 0
-        assert row["fps_end_to_end"] == pytest.approx(row["batch"] * 2 * 4 / (row["chunk_latency_s"] + row["decode_latency_s"]))
-    dense, mla = report["rows"]
+        assert row["fps_end_to_end"] == pytest.approx(2 * 4 / (row["chunk_latency_s"] + row["decode_latency_s"]))
+    assert not any("decode_latency_s" in row for row in report["rows"] if row["batch"] == 2)
+    dense, mla = one
     assert report["ratios"]["w4/c2/b1"]["throughput_end_to_end"] == pytest.approx(mla["fps_end_to_end"] / dense["fps_end_to_end"])
+    text = io.StringIO()
+    print_bench(report, Console(file=text, width=200))
+    assert "fps with decode" in text.getvalue()
 
 
 def test_a_batch_out_of_memory_is_a_row_of_its_own_and_the_rest_still_runs(tmp_path, monkeypatch):
@@ -128,5 +136,8 @@ def test_profile_splits_one_steady_forward_and_sets_its_floor_by_its_flops(tmp_p
         kernel, flops, rates = p["kernel_ms"], p["flops"], p["rates_tflops"]
         assert kernel["total"] == pytest.approx(kernel["attention"] + kernel["matmul"] + kernel["other"])
         assert kernel["matmul"] > 0 and flops["matmul"] > 0 and p["wall_ms"] > 0
+        top = p["top_kernels"]
+        assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True)
+        assert sum(k["ms"] for k in top if k["kind"] == "matmul") <= kernel["matmul"] + 1e-9
         floor = (flops["matmul"] / rates["matmul"] + flops["attention"] / rates["attention"]) / 1e12 * 1e3
         assert p["floor_ms"] == pytest.approx(floor)

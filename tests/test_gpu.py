@@ -91,6 +91,24 @@ def test_cuda_graphs_replay_the_eager_rollout(tiny, tiny_mla, kind, positions, m
     torch.testing.assert_close(b.latents, a.latents, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_compiled_blocks_in_cuda_graphs_give_the_eager_rollout(tiny, tiny_mla, kind, monkeypatch):
+    """The fastest path (compiled blocks, steady state as CUDA graphs) gives the eager rollout's frames at batch 1
+    and 2, with every block compiled: a fallback to eager code at the recompile limit fails the test."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    ckpt = tiny if kind == "dense" else tiny_mla
+    model = load_model(ckpt.config, ckpt.state_dict, device="cuda", dtype=torch.bfloat16).eval()
+    texts = [torch.randn(b, 32, 64, generator=torch.Generator().manual_seed(b)) for b in (1, 2)]
+    eager = SamplerSettings(chunk=2, window=6, seed=3)
+    references = [rollout(model, text, frames=11, latent_size=(4, 6), settings=eager) for text in texts]
+    torch._dynamo.reset()
+    model.compile_blocks()
+    fast = SamplerSettings(chunk=2, window=6, seed=3, graphs=True)
+    for text, reference in zip(texts, references):
+        out = rollout(model, text, frames=11, latent_size=(4, 6), settings=fast)
+        torch.testing.assert_close(out.latents, reference.latents, atol=3e-2, rtol=3e-2)
+
+
 def test_conversion_on_gpu_matches_cpu(tiny):
     cpu = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"), device="cpu")
     gpu = convert_model(tiny, ConvertSettings(dc=32, rope_dim=16, init="asvd"), device="cuda")

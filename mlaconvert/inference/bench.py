@@ -54,7 +54,8 @@ class BenchSettings:
     compile: bool = setting(False, "torch.compile the blocks of both variants.")
     graphs: bool = setting(False, "Replay each steady-state forward of both variants as a CUDA graph.")
     profile: bool = setting(False, "Profile one steady-state forward of each variant at batch 1: kernel time by kind beside its FLOP floor.")
-    decode: bool = setting(False, "Decode every chunk with a random-weight Wan 2.1 VAE as it is made (needs diffusers): end-to-end fps.")
+    decode: bool = setting(False, "Decode every chunk of the batch-1 rollouts with a random-weight Wan 2.1 VAE, streamed as "
+                                  "`sample` does (needs diffusers): end-to-end fps of one stream.")
 
 
 def mla_variant(config: WanConfig, dc: int, rope_dim: int) -> WanConfig:
@@ -107,6 +108,12 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         decode = statistics.median(decoding[chunks_to_fill:] or decoding[-1:])
         row.update({"decode_latency_s": decode, "fps_end_to_end": video_frames / (latency + decode)})
     return row
+
+
+def _row_line(model: WanModel, row: dict[str, Any]) -> str:
+    decode = f", decode {row['decode_latency_s']:.3f} s" if "decode_latency_s" in row else ""
+    return (f"{'mla' if model.config.is_mla else 'dense'} batch {row['batch']}, {row['latent_frames']} latent frames: "
+            f"chunk {row['chunk_latency_s']:.3f} s, {row['fps']:.1f} fps, first chunk {row['first_chunk_s']:.1f} s{decode}")
 
 
 def _decode_seconds(decoder: StreamingDecoder, latents: torch.Tensor, chunk: int, like: torch.Tensor) -> list[float]:
@@ -164,14 +171,20 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         decoder = StreamingDecoder(random_vae(dense_cfg.out_dim, small=settings.preset == "tiny", device=dev,
                                               dtype=default_dtype(dev))) if settings.decode else None
 
-        def measure(*args: Any, **options: Any) -> dict[str, Any]:
-            row = _measure(*args, **{"decoder": decoder, **options})
+        def measure(model: WanModel, batch: int, *args: Any, **options: Any) -> dict[str, Any]:
+            # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
+            row = _measure(model, batch, *args, **{"decoder": decoder if batch == 1 else None, **options})
+            # A line per rollout, so that a run cut short still shows what it measured.
+            progress.console.print(_row_line(model, row), highlight=False, soft_wrap=True)
             progress.advance(task)
             return row
 
         for variant in settings.variants:
             model = random_model(configs[variant], dev, default_dtype(dev), settings.seed)
             if settings.compile:
+                # Both variants' blocks run Block.forward, whose compiled-code cache one model's batches and
+                # window sizes can fill: each variant starts from an empty one and pays its own compilation.
+                torch._dynamo.reset()
                 model.compile_blocks()
             paths[variant] = _sampler_path(model, settings)
             for window in settings.windows:
@@ -207,7 +220,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str
         "settings": {**settings.__dict__},
         "mode": ("torch.compile (dynamic) of every block" if settings.compile else "eager PyTorch")
         + (", steady state as CUDA graphs" if settings.graphs and dev.type == "cuda" else "") + ", both variants"
-        + (", every chunk decoded by a random-weight Wan 2.1 VAE in the compute dtype" if settings.decode else ""),
+        + (", every chunk of batch 1 decoded by a random-weight Wan 2.1 VAE in the compute dtype" if settings.decode else ""),
         "paths": paths,
         "rows": rows,
         "card_gib": card,
@@ -324,7 +337,7 @@ def print_bench(report: dict[str, Any], console: Console) -> None:
             f"{r['cache_mib']:.1f}", "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}", f"{r['chunk_latency_s']:.3f}", f"{r['fps']:.1f}",
         ]
         if decoded:
-            cells += [f"{r['decode_latency_s']:.3f}", f"{r['fps_end_to_end']:.1f}"]
+            cells += [f"{r['decode_latency_s']:.3f}", f"{r['fps_end_to_end']:.1f}"] if "decode_latency_s" in r else ["-", "-"]
         table.add_row(*cells)
     console.print(table)
     for key, value in report["ratios"].items():

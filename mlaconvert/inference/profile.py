@@ -26,6 +26,7 @@ ATTENTION = ("scaled_dot_product", "sdpa", "flash", "fmha", "attention")
 MATMUL = ("gemm", "gemv", "splitk", "nvjet", "cutlass", "xmma", "addmm", "baddbmm", "aten::mm", "aten.mm", "aten::bmm",
           "aten.bmm", "_scaled_mm", "matmul", "conv")
 KINDS = ("attention", "matmul", "other")
+TOP_KERNELS = 15
 
 
 def kind_of(name: str) -> str:
@@ -95,9 +96,11 @@ def forward_breakdown(forward: Callable[[], torch.Tensor], device: torch.device,
         if cuda:
             torch.cuda.synchronize(device)
     kernel = dict.fromkeys(KINDS, 0.0)
+    named = []
     for row in prof.key_averages():
-        spent = row.self_device_time_total if cuda else row.self_cpu_time_total
-        kernel[kind_of(row.key)] += spent / 1e3  # microseconds -> ms
+        spent = (row.self_device_time_total if cuda else row.self_cpu_time_total) / 1e3  # microseconds -> ms
+        kernel[kind_of(row.key)] += spent
+        named.append({"name": row.key, "kind": kind_of(row.key), "ms": spent, "calls": row.count})
     with FlopCounterMode(display=False) as counter:
         forward()
     flops = dict.fromkeys(KINDS, 0)
@@ -107,6 +110,8 @@ def forward_breakdown(forward: Callable[[], torch.Tensor], device: torch.device,
     return {
         "wall_ms": wall * 1e3,
         "kernel_ms": {**kernel, "total": sum(kernel.values())},
+        # What the remaining time is, by name: where fusion work would go next.
+        "top_kernels": sorted(named, key=lambda k: -k["ms"])[:TOP_KERNELS],
         "flops": flops,
         "rates_tflops": {kind: rate / 1e12 for kind, rate in rates.items()},
         "floor_ms": floor,

@@ -122,20 +122,22 @@ class CacheStep:
     query_positions: torch.Tensor
 
     def layer(self, index: int) -> _LayerView:
-        return _LayerView(self, index)
+        return _LayerView(self, self.cache.layers[index])
 
 
 @dataclass
 class _LayerView:
+    # The layer's buffers themselves, not its index into the cache's list: a compiled block would otherwise
+    # specialise on the index and compile once per layer.
     step: CacheStep
-    index: int
+    stored: tuple[torch.Tensor, ...]
 
     @property
     def fixed_positions(self) -> bool:
         return self.step.cache.positions == "absolute"
 
     def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        stored = self.step.cache.layers[self.index]
+        stored = self.stored
         for buf, e in zip(stored, entries):
             buf.index_copy_(1, self.step.write_index, e.to(buf.dtype))
         return tuple(buf[:, : self.step.n_tokens] for buf in stored), self.step.key_positions

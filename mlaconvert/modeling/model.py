@@ -261,6 +261,11 @@ class CrossAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
+# Compiled forms of Block.forward one process may keep: a few models (teacher, student) times the
+# specialisations `compile_blocks` lists.
+COMPILED_VARIANTS = 64
+
+
 class Block(nn.Module):
     def __init__(self, config: WanConfig, layer: int):
         super().__init__()
@@ -375,8 +380,17 @@ class WanModel(nn.Module):
 
     def compile_blocks(self) -> None:
         """torch.compile every block (dynamic shapes: the cached window grows, batches vary). Fuses the many
-        small float32 modulation, norm and rotation ops that otherwise leave the GPU waiting on launches."""
+        small float32 modulation, norm and rotation ops that otherwise leave the GPU waiting on launches.
+
+        Every block shares one compiled-code cache, Block.forward's. Sizes of 1 are specialised even under
+        dynamic shapes, so a batch of 1 or more, a chunk of 1 frame or more, a window filling or full each
+        take their own entry: more than torch's default limit of 8, past which the blocks would silently run
+        uncompiled. The limit is raised to hold them, and the rope tables go to the device now rather than
+        in the first compiled call, whose guard on them would fail at the second."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
+        device = next(self.parameters()).device
         for block in self.blocks:
+            block.self_attn.rotary.tables(device)
             block.compile(dynamic=True)
 
     def forward(

@@ -83,12 +83,15 @@ class Rotary:
     def full(cls, head_dim: int, theta: float = 10000.0) -> Rotary:
         return cls(list(range(head_dim // 2)), head_dim, theta)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (L, 3) -> cos, sin of shape (L, n_pairs) in float32."""
-        device = positions.device
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The axis of each pair and its frequency, on `device`."""
         if device not in self._on_device:
             self._on_device[device] = (self.axes.to(device), self.freqs.to(device))
-        axes, freqs = self._on_device[device]
+        return self._on_device[device]
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (L, 3) -> cos, sin of shape (L, n_pairs) in float32."""
+        axes, freqs = self.tables(positions.device)
         angles = positions.to(torch.float64).index_select(1, axes) * freqs
         return angles.cos().float(), angles.sin().float()
 
