@@ -354,6 +354,7 @@ def bench(
         "long_seconds", "budget_gib", "compile", "graphs", "profile", "decode", windows="--window", chunks="--chunk", batches="--batch",
     ),
     device: Device = None,
+    resume: bool = typer.Option(False, "--resume", help="Carry on a bench cut short: keep what it measured in OUT (same settings, same device)."),
     force: bool = typer.Option(False, "--force", help="Write into an existing output folder (replacing files of the same name)."),
 ) -> None:
     """Dense vs MLA in one process on one GPU: cache size, peak memory, chunk latency, fps, streams in a budget.
@@ -365,8 +366,14 @@ def bench(
 
     settings = BenchSettings(**chosen)
     output = output or bench_output(settings, device)
-    check_writable(output, force)  # before the minutes of measuring, not after
-    report = run_bench(settings, device=device)
+    if not resume:
+        check_writable(output, force)  # before the minutes of measuring, not after
+
+    def left_behind() -> str:
+        return f"bench stopped; '{output}' keeps what it measured; continue with: {_rerun('--resume')}"
+
+    with _on_interrupt(left_behind):
+        report = run_bench(settings, device=device, journal_dir=output, resume=resume)
     print_bench(report, out)
     json_path, png_path = write_bench(report, output)
     out.print(f"wrote {json_path}; look at {png_path}")

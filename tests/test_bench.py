@@ -141,3 +141,41 @@ def test_profile_splits_one_steady_forward_and_sets_its_floor_by_its_flops(tmp_p
         assert sum(k["ms"] for k in top if k["kind"] == "matmul") <= kernel["matmul"] + 1e-9
         floor = (flops["matmul"] / rates["matmul"] + flops["attention"] / rates["attention"]) / 1e12 * 1e3
         assert p["floor_ms"] == pytest.approx(floor)
+
+
+def test_a_bench_cut_short_resumes_without_measuring_again(cli, tmp_path, monkeypatch):
+    import mlaconvert.inference.bench as bench
+
+    measure, calls, cut = bench._measure, [], {"at": 3}
+
+    def counted(model, batch, frames, *args):
+        calls.append((model.config.is_mla, batch, frames))
+        if len(calls) == cut["at"]:
+            raise KeyboardInterrupt  # Ctrl-C, a time limit or a lost machine, in the first run's third rollout
+        return measure(model, batch, frames, *args)
+
+    monkeypatch.setattr(bench, "_measure", counted)
+    out = tmp_path / "b"
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--height", "32", "--width", "32", "--window", "3",
+            "--batch", "1", "--timed-chunks", "1", "--long-seconds", "1", "-o", str(out)]
+    r = cli(*args)
+    cut["at"] = None
+    assert r.returncode == 130 and "keeps what it measured; continue with: mlaconvert bench" in r.stderr and "--resume" in r.stderr
+    journal = [json.loads(line) for line in (out / "bench-cpu.measurements.jsonl").read_text().splitlines()]
+    assert journal[0]["windows"] == [3] and [entry["key"] for entry in journal[1:]] == ["dense w3 c3 b1 f6", "dense w3 c3 b2 f6"]
+    # Half a line, as a process killed while writing leaves it: dropped, not read.
+    with (out / "bench-cpu.measurements.jsonl").open("a") as f:
+        f.write('{"key": "dense w3 c3 b1 f')
+    r = cli(*args, "--window", "4", "--resume")
+    assert r.returncode == 1 and "measured with other settings (windows differ); start over with --force" in r.stderr
+    calls.clear()
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    # The two rollouts written down are kept; the dense long rollout and both of MLA's are measured now.
+    long = bench.latent_frames_for(1)
+    assert calls == [(False, 1, long), (True, 1, 6), (True, 2, 6), (True, 1, long)]
+    report = json.loads((out / "bench-cpu.json").read_text())
+    assert report["resumed"] and report["rows"][0] == journal[1]["value"] | {"variant": "dense"}
+    assert sorted(p.name for p in out.iterdir()) == ["bench-cpu.json", "bench-cpu.png"]  # the journal went with the report
+    r = cli(*args, "--resume")
+    assert r.returncode == 1 and "nothing to resume: no 'bench-cpu.measurements.jsonl'" in r.stderr

@@ -9,6 +9,7 @@ of concurrent streams that fit a memory budget is extrapolated from the measured
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from mlaconvert.devices import GiB, choose_device, default_dtype
 from mlaconvert.fields import help_of, setting
 from mlaconvert.inference.sampling import (FRAMES_PER_LATENT, ROPE_TABLE, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for,
                                            rollout)
+from mlaconvert.inference.bench_journal import BenchJournal, journal_path
 from mlaconvert.inference.profile import device_rates, forward_breakdown, steady_forward
 from mlaconvert.inference.video import StreamingDecoder, random_vae
 from mlaconvert.modeling.config import MLAConfig, WanConfig, preset
@@ -147,90 +149,112 @@ def bench_output(settings: BenchSettings, device: str | None) -> Path:
     return Path(f"bench-{settings.preset}-{_bench_device(settings, device)[1].type}")
 
 
-def run_bench(settings: BenchSettings, *, device: str | None = None) -> dict[str, Any]:
+def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir: Path | None = None,
+              resume: bool = False) -> dict[str, Any]:
     """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
 
+    With `journal_dir`, every measurement is written down there as it finishes (see bench_journal), and `resume`
+    carries on from what an earlier run of the same settings wrote. (After a resume, the first rollout measured
+    anew pays this process's compilation in its first chunk; its steady-state latency does not.)
     device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
     """
     dense_cfg, dev = _bench_device(settings, device)
     latent_size = check_video_size(settings.height, settings.width, dense_cfg)
-    configs = {"dense": dense_cfg, "mla": mla_variant(dense_cfg, settings.dc, settings.rope_dim)}
-    rows: list[dict[str, Any]] = []
-    streams: dict[str, Any] = {}
-    long: dict[str, Any] = {}
-    paths: dict[str, dict[str, Any]] = {}
-    profiles: dict[str, dict[str, Any]] = {}
-    rates: dict[str, float] = {}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    journal = None
+    if journal_dir is not None:
+        journal = BenchJournal(journal_path(journal_dir, report_stem(settings, name)), {"device": name, **settings.__dict__}, resume)
     # The card's memory free to this process (its CUDA context and any other process's use come off the total).
     card = torch.cuda.mem_get_info(dev)[0] / GiB if dev.type == "cuda" else None
+    report: dict[str, Any] = {"rows": [], "card_gib": card, "streams_in_budget": {}, "long_rollout": {}, "paths": {}, "profile": {}}
+    rates = functools.cache(lambda: device_rates(dev, default_dtype(dev), 4096 if dev.type == "cuda" else 256))
     _warm_up(dev)
     start = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
-
         decoder = StreamingDecoder(random_vae(dense_cfg.out_dim, small=settings.preset == "tiny", device=dev,
                                               dtype=default_dtype(dev))) if settings.decode else None
 
-        def measure(model: WanModel, batch: int, *args: Any, **options: Any) -> dict[str, Any]:
+        def measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
+                    decode: bool = True) -> dict[str, Any]:
             # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
-            row = _measure(model, batch, *args, **{"decoder": decoder if batch == 1 else None, **options})
+            use = decoder if decode and batch == 1 else None
+            key = f"{_variant(model)} w{sampler.window} c{sampler.chunk} b{batch} f{frames}" + (" decoded" if use else "")
+            row, kept = _journaled(journal, key, lambda: _measure(model, batch, frames, latent_size, sampler, use))
             # A line per rollout, so that a run cut short still shows what it measured.
-            progress.console.print(_row_line(model, row), highlight=False, soft_wrap=True)
+            progress.console.print(("kept " if kept else "") + _row_line(model, row), highlight=False, soft_wrap=True)
             progress.advance(task)
             return row
 
         for variant in settings.variants:
-            model = random_model(configs[variant], dev, default_dtype(dev), settings.seed)
-            if settings.compile:
-                # Both variants' blocks run Block.forward, whose compiled-code cache one model's batches and
-                # window sizes can fill: each variant starts from an empty one and pays its own compilation.
-                torch._dynamo.reset()
-                model.compile_blocks()
-            paths[variant] = _sampler_path(model, settings)
-            for window in settings.windows:
-                for chunk in settings.chunks:
-                    sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed,
-                                                        graphs=settings.graphs)
-                    peaks, first = _measure_batches(measure, model, variant, sampler, latent_size, settings, rows)
-                    if first is not None:  # a (window, chunk) whose every batch ran out of memory has none
-                        paths[variant].setdefault("time_to_first_chunk_s", first)
-                    if 1 in peaks and 2 in peaks:
-                        streams[f"{variant}/w{window}/c{chunk}"] = _streams_in_budget(peaks, settings.budget_gib, card)
-            if settings.long_seconds > 0:
-                sampler = SamplerSettings.for_model(dense_cfg, steps=settings.steps, chunk=settings.chunks[0],
-                                                    window=settings.windows[0], seed=settings.seed, graphs=settings.graphs)
-                frames = latent_frames_for(settings.long_seconds)
-                # The memory targets' rollout: the DiT alone.
-                long[variant] = {**measure(model, 1, frames, latent_size, sampler, decoder=None), "seconds_of_video": settings.long_seconds}
-            long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
-            if settings.profile:
-                rates = rates or device_rates(dev, default_dtype(dev), 4096 if dev.type == "cuda" else 256)
-                shape = {"chunk": settings.chunks[0], "window": settings.windows[0], "latent_size": latent_size, "seed": settings.seed}
-                # Kernels from the plain forward (a profiler may not see into a graph), the wall time as the rows ran it.
-                profiles[variant] = forward_breakdown(steady_forward(model, **shape), dev, rates,
-                                                      timed=steady_forward(model, **shape, graphs=settings.graphs))
-            del model
+            cfg = dense_cfg if variant == "dense" else mla_variant(dense_cfg, settings.dc, settings.rope_dim)
+            _bench_variant(random_model(cfg, dev, default_dtype(dev), settings.seed), measure, settings, latent_size,
+                           report, journal, rates)
             torch.cuda.empty_cache()
-
-    report: dict[str, Any] = {
+    report = {
         "schema": "mlaconvert.bench/1",
         "mlaconvert_version": __version__,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "device": name,
         "torch": torch.__version__,
         "settings": {**settings.__dict__},
         "mode": ("torch.compile (dynamic) of every block" if settings.compile else "eager PyTorch")
         + (", steady state as CUDA graphs" if settings.graphs and dev.type == "cuda" else "") + ", both variants"
         + (", every chunk of batch 1 decoded by a random-weight Wan 2.1 VAE in the compute dtype" if settings.decode else ""),
-        "paths": paths,
-        "rows": rows,
-        "card_gib": card,
-        "streams_in_budget": streams,
-        "long_rollout": long,
-        "profile": profiles,
+        **report,
         "seconds": time.perf_counter() - start,
     }
     report["ratios"] = _ratios(report)
+    if journal is not None:
+        report["resumed"] = resume
     return report
+
+
+def _variant(model: WanModel) -> str:
+    return "mla" if model.config.is_mla else "dense"
+
+
+def _journaled(journal: BenchJournal | None, key: str, measure: Callable[[], Any]) -> tuple[Any, bool]:
+    return journal.measured(key, measure) if journal is not None else (measure(), False)
+
+
+def _bench_variant(model: WanModel, measure: Callable[..., dict[str, Any]], settings: BenchSettings, latent_size: tuple[int, int],
+                   report: dict[str, Any], journal: BenchJournal | None, rates: Callable[[], dict[str, float]]) -> None:
+    """Every (window, chunk, batch), the long rollout and the profile of one variant, into `report`."""
+    variant, cfg = _variant(model), model.config
+    if settings.compile:
+        # Both variants' blocks run Block.forward, whose compiled-code cache one model's batches and
+        # window sizes can fill: each variant starts from an empty one and pays its own compilation.
+        torch._dynamo.reset()
+        model.compile_blocks()
+    path = report["paths"][variant] = _sampler_path(model, settings)
+    for window in settings.windows:
+        for chunk in settings.chunks:
+            sampler = SamplerSettings.for_model(cfg, steps=settings.steps, chunk=chunk, window=window, seed=settings.seed,
+                                                graphs=settings.graphs)
+            peaks, first = _measure_batches(measure, model, variant, sampler, latent_size, settings, report["rows"])
+            if first is not None:  # a (window, chunk) whose every batch ran out of memory has none
+                path.setdefault("time_to_first_chunk_s", first)
+            if 1 in peaks and 2 in peaks:
+                streams = _streams_in_budget(peaks, settings.budget_gib, report["card_gib"])
+                report["streams_in_budget"][f"{variant}/w{window}/c{chunk}"] = streams
+    long = report["long_rollout"]
+    if settings.long_seconds > 0:
+        sampler = SamplerSettings.for_model(cfg, steps=settings.steps, chunk=settings.chunks[0],
+                                            window=settings.windows[0], seed=settings.seed, graphs=settings.graphs)
+        frames = latent_frames_for(settings.long_seconds)
+        # The memory targets' rollout: the DiT alone.
+        long[variant] = {**measure(model, 1, frames, latent_size, sampler, decode=False), "seconds_of_video": settings.long_seconds}
+    long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
+    if settings.profile:
+        device = next(model.parameters()).device
+        shape = {"chunk": settings.chunks[0], "window": settings.windows[0], "latent_size": latent_size, "seed": settings.seed}
+
+        def profile() -> dict[str, Any]:
+            # Kernels from the plain forward (a profiler may not see into a graph), the wall time as the rows ran it.
+            return forward_breakdown(steady_forward(model, **shape), device, rates(),
+                                     timed=steady_forward(model, **shape, graphs=settings.graphs))
+
+        report["profile"][variant] = _journaled(journal, f"{variant} profile", profile)[0]
 
 
 def _warm_up(device: torch.device) -> None:
@@ -391,13 +415,20 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
+def report_stem(settings: BenchSettings, device_name: str) -> str:
+    """bench-<device>[-compiled][-graphs]: the file name of a report, before its suffix."""
+    tags = ("-compiled" if settings.compile else "") + ("-graphs" if settings.graphs else "")
+    return "bench-" + device_name.lower().replace(" ", "-") + tags
+
+
 def write_bench(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """The report as JSON and PNG in `out_dir`; the journal of its measurements, which they now hold, goes."""
     from mlaconvert.outputs import write_json
 
     out_dir = Path(out_dir)
-    tags = ("-compiled" if report["settings"]["compile"] else "") + ("-graphs" if report["settings"].get("graphs") else "")
-    stem = "bench-" + report["device"].lower().replace(" ", "-") + tags
+    stem = report_stem(BenchSettings(**report["settings"]), report["device"])
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     write_json(json_path, report)
     plot_bench(report, png_path)
+    journal_path(out_dir, stem).unlink(missing_ok=True)
     return json_path, png_path

@@ -1,0 +1,66 @@
+"""The bench's journal: each finished measurement written down as it is made, one JSON line, so that a bench cut
+short (a time limit, Ctrl-C, a lost machine) carries on with `--resume` where it stopped instead of measuring all
+over again. The first line names the settings and the device; a resume under others is refused, since rows
+measured under different settings or on another card would not compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlaconvert.errors import MlaconvertError
+from mlaconvert.outputs import atomic_file
+
+
+def journal_path(folder: str | Path, stem: str) -> Path:
+    """Where the bench whose report is `stem`.json writes down its measurements until that report is written."""
+    return Path(folder) / f"{stem}.measurements.jsonl"
+
+
+class BenchJournal:
+    def __init__(self, path: Path, identity: dict[str, Any], resume: bool):
+        self.path = path
+        self.identity = json.loads(json.dumps(identity))  # as it reads back: tuples become lists
+        self.done: dict[str, Any] = {}
+        if resume:
+            self._read()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+        # Rewritten whole: a line a killed process left half-written must not run into the next one.
+        lines = [self.identity, *({"key": key, "value": value} for key, value in self.done.items())]
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            raise MlaconvertError(f"nothing to resume: no '{self.path.name}' in '{self.path.parent}' (run without --resume)")
+        lines = self.path.read_text().splitlines()
+        head = json.loads(lines[0]) if lines else {}
+        if head != self.identity:
+            differ = sorted(k for k in self.identity.keys() | head.keys() if head.get(k) != self.identity.get(k))
+            raise MlaconvertError(f"'{self.path}' was measured with other settings ({', '.join(differ)} differ); "
+                                  "start over with --force")
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a process killed while writing it
+                break
+            self.done[entry["key"]] = entry["value"]
+
+    def measured(self, key: str, measure: Callable[[], Any]) -> tuple[Any, bool]:
+        """What `key` measured: from the journal if an earlier run wrote it down (then True), else measured now
+        and written down before it is returned."""
+        if key in self.done:
+            return self.done[key], True
+        value = measure()
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = value
+        return value, False
