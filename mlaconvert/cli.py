@@ -248,7 +248,7 @@ def eval_(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A dense teacher to compare with (default: the source an MLA export records)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of *.safetensors clips with known continuations (as finetune --data); default: fresh clips of the model's world."),
     chosen: dict[str, Any] = options(EvalSettings, "clips", "frames", "prefix", "batch", "seed", prefix="--prefix-frames"),
-    sampler: dict[str, Any] = options(SamplerOptions, "steps", "timesteps", "shift", "chunk", "window", "sink", "positions", "graphs"),
+    sampler: dict[str, Any] = options(SamplerOptions, "steps", "timesteps", "shift", "chunk", "window", "sink", "positions", "graphs", "compile"),
     device: Device = None,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:

@@ -137,8 +137,8 @@ def test_profile_splits_one_steady_forward_and_sets_its_floor_by_its_flops(tmp_p
         assert kernel["total"] == pytest.approx(kernel["attention"] + kernel["matmul"] + kernel["other"])
         assert kernel["matmul"] > 0 and flops["matmul"] > 0 and p["wall_ms"] > 0
         top = p["top_kernels"]
-        assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True)
-        assert sum(k["ms"] for k in top if k["kind"] == "matmul") <= kernel["matmul"] + 1e-9
+        assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True) and len(top) <= 15
+        assert any(k["kind"] == "matmul" and k["calls"] > 0 for k in top)  # the projections are among the costliest
         floor = (flops["matmul"] / rates["matmul"] + flops["attention"] / rates["attention"]) / 1e12 * 1e3
         assert p["floor_ms"] == pytest.approx(floor)
 
@@ -162,12 +162,19 @@ def test_a_bench_cut_short_resumes_without_measuring_again(cli, tmp_path, monkey
     cut["at"] = None
     assert r.returncode == 130 and "keeps what it measured; continue with: mlaconvert bench" in r.stderr and "--resume" in r.stderr
     journal = [json.loads(line) for line in (out / "bench-cpu.measurements.jsonl").read_text().splitlines()]
-    assert journal[0]["windows"] == [3] and [entry["key"] for entry in journal[1:]] == ["dense w3 c3 b1 f6", "dense w3 c3 b2 f6"]
+    assert journal[0]["windows"] == [3] and [entry["key"] for entry in journal[1:]] == ["dense timed w3 c3 b1 f6", "dense timed w3 c3 b2 f6"]
     # Half a line, as a process killed while writing leaves it: dropped, not read.
     with (out / "bench-cpu.measurements.jsonl").open("a") as f:
-        f.write('{"key": "dense w3 c3 b1 f')
+        f.write('{"key": "dense long w3 c3 b1 f')
     r = cli(*args, "--window", "4", "--resume")
     assert r.returncode == 1 and "measured with other settings (windows differ); start over with --force" in r.stderr
+    r = cli(*args, "--graphs", "--resume")  # another report, so another journal: this folder holds the first one only
+    assert r.returncode == 1 and "holds bench-cpu.measurements.jsonl: resume with the settings" in r.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "bench-cpu.measurements.jsonl").write_text("not json\n")
+    r = cli(*args[:-1], str(damaged), "--resume")
+    assert r.returncode == 1 and r.stderr.strip().endswith("is not a bench journal; start over with --force")
     calls.clear()
     r = cli(*args, "--resume")
     assert r.returncode == 0, r.stderr

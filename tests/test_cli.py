@@ -211,7 +211,7 @@ def test_eval_offers_the_sampler_options_of_sample():
         return {o for p in click_command.params if callback.option_fields.get(p.name, (None,))[0] is SamplerOptions for o in p.opts}
 
     assert sampler_flags("sample") == {"--steps", "--timesteps", "--shift", "--chunk", "--window", "--sink", "--positions", "--seed",
-                                       "--graphs"}
+                                       "--graphs", "--compile"}
     assert sampler_flags("sample") - sampler_flags("eval") == {"--seed"}  # eval's own --seed (EvalSettings) seeds the sampler too
 
 

@@ -18,6 +18,7 @@ from mlaconvert.evaluation.agreement import MIN_MSE
 from mlaconvert.evaluation.evaluate import (
     EvalSettings, buckets, copy_last, frame_sse, psnr_db, psnr_report, run_eval, static_background,
 )
+from mlaconvert.inference.sampling import SamplerSettings
 from mlaconvert.modeling.config import SamplerDefaults, WanConfig
 
 WORLD = world.WorldSettings(size=16, max_radius=3.0)
@@ -149,6 +150,16 @@ def test_run_eval_on_a_world_model_writes_the_report_and_refuses_to_overwrite(wo
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(MlaconvertError, match="already exists"):
         run_eval(world_model, out, settings=SMALL, device="cpu")
+
+
+def test_eval_compiles_the_model_and_its_teacher_when_asked(world_model, tmp_path, monkeypatch):
+    from mlaconvert.modeling.model import WanModel
+
+    compiled = []
+    monkeypatch.setattr(WanModel, "compile_blocks", lambda self: compiled.append(self))
+    sampler = SamplerSettings(chunk=3, window=9, timesteps=(1000.0, 500.0), shift=1.0, compile=True)
+    run_eval(world_model, tmp_path / "eval", teacher=world_model, settings=SMALL, sampler=sampler, device="cpu")
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]
 
 
 def test_a_teacher_with_the_same_weights_matches_the_model_figure_for_figure(world_model, tmp_path):

@@ -88,6 +88,19 @@ def test_sample_cli_steps_is_the_number_of_denoising_steps(cli, tmp_path):
     assert r.returncode == 1 and "--steps and --timesteps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_sample_compiles_the_blocks_it_loads_when_asked(cli, tmp_path, monkeypatch):
+    from mlaconvert.modeling.model import WanModel
+
+    compiled = []
+    monkeypatch.setattr(WanModel, "compile_blocks", lambda self: compiled.append(self.config.num_layers))
+    base = ["builtin:tiny-wan", "--height", "32", "--width", "32", "--window", "3", "--device", "cpu"]
+    r = cli("sample", *base, "--random-text", "--frames", "3", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0 and compiled == []
+    r = cli("sample", *base, "--random-text", "--frames", "3", "--compile", "-o", str(tmp_path / "b"))
+    assert r.returncode == 0 and len(compiled) == 1
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["compile"] is True
+
+
 def reference_rollout(model, text, noise, settings: SamplerSettings):
     """Self-Forcing's loop without any cache: every step reruns the clean past at t = 0 block-causally."""
     sigmas = [t / 1000 for t in warp_timesteps(settings.timesteps, settings.shift)]
@@ -195,3 +208,25 @@ def test_sample_streams_through_a_vae_into_an_mp4(cli, tmp_path):
 def test_seconds_must_be_positive(cli, tmp_path):
     r = cli("sample", "builtin:tiny-wan", "--random-text", "--seconds", "0", "--device", "cpu", "-o", str(tmp_path / "s"))
     assert r.returncode == 1 and "--seconds must be positive" in r.stderr and not (tmp_path / "s").exists()
+
+
+def test_compiled_blocks_share_their_compiled_code_whatever_the_depth(monkeypatch):
+    """Every block runs Block.forward, whose compiled forms must not grow with the layers: a guard on the layer's
+    index once made one per layer, and past torch's limit the blocks ran uncompiled, unseen."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from mlaconvert.checkpoints.builtin import TINY_WAN
+    from mlaconvert.inference.bench import random_model
+    from mlaconvert.modeling.model import Block
+
+    compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: compile(self, backend="eager", **options))
+    settings = SamplerSettings(chunk=2, window=4, timesteps=(1000.0,))
+    entries = []
+    for layers in (2, 4):  # the first block takes a strided input, the others a contiguous one: two forms each
+        torch._dynamo.reset()
+        model = random_model(TINY_WAN.replace(num_layers=layers), torch.device("cpu"), torch.float32, 0)
+        model.compile_blocks()
+        rollout(model, torch.randn(1, TINY_WAN.text_len, TINY_WAN.text_dim), frames=2, latent_size=(4, 6), settings=settings)
+        entries.append(len(_debug_get_cache_entry_list(Block.forward.__code__)))
+    assert entries[0] == entries[1] > 0

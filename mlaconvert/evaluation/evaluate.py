@@ -243,6 +243,10 @@ def eval_source(model_spec: str, *, teacher: str | None = None, data: str | Path
     dtype = default_dtype(dev)
     model = load_model(cfg, checkpoint.state_dict, device=dev, dtype=dtype).eval()
     teacher_model = None if teacher_ckpt is None else load_model(teacher_ckpt.config, teacher_ckpt.state_dict, device=dev, dtype=dtype).eval()
+    if sampler.compile:
+        for each in (model, teacher_model):
+            if each is not None:
+                each.compile_blocks()
 
     start = time.perf_counter()
     rollouts = -(-truth.video.shape[0] // settings.batch) * (1 if teacher is None else 2)

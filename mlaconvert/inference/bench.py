@@ -9,6 +9,7 @@ of concurrent streams that fit a memory budget is extrapolated from the measured
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -112,9 +113,11 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
     return row
 
 
-def _row_line(model: WanModel, row: dict[str, Any]) -> str:
+def _row_line(variant: str, role: str, row: dict[str, Any]) -> str:
+    if row.get("oom"):
+        return f"{variant} {role} batch {row['batch']}: out of memory"
     decode = f", decode {row['decode_latency_s']:.3f} s" if "decode_latency_s" in row else ""
-    return (f"{'mla' if model.config.is_mla else 'dense'} batch {row['batch']}, {row['latent_frames']} latent frames: "
+    return (f"{variant} {role} batch {row['batch']}, {row['latent_frames']} latent frames: "
             f"chunk {row['chunk_latency_s']:.3f} s, {row['fps']:.1f} fps, first chunk {row['first_chunk_s']:.1f} s{decode}")
 
 
@@ -163,7 +166,9 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     journal = None
     if journal_dir is not None:
-        journal = BenchJournal(journal_path(journal_dir, report_stem(settings, name)), {"device": name, **settings.__dict__}, resume)
+        # Rows from another build would not compare either: the version and torch's are part of what must match.
+        identity = {"device": name, "mlaconvert": __version__, "torch": torch.__version__, **settings.__dict__}
+        journal = BenchJournal(journal_path(journal_dir, report_stem(settings, name)), identity, resume)
     # The card's memory free to this process (its CUDA context and any other process's use come off the total).
     card = torch.cuda.mem_get_info(dev)[0] / GiB if dev.type == "cuda" else None
     report: dict[str, Any] = {"rows": [], "card_gib": card, "streams_in_budget": {}, "long_rollout": {}, "paths": {}, "profile": {}}
@@ -176,20 +181,38 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
                                               dtype=default_dtype(dev))) if settings.decode else None
 
         def measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
-                    decode: bool = True) -> dict[str, Any]:
+                    role: str = "timed") -> dict[str, Any]:
+            """One rollout; `role`: timed (a row, out of memory allowed), warm-up (compiles) or long (memory)."""
             # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
-            use = decoder if decode and batch == 1 else None
-            key = f"{_variant(model)} w{sampler.window} c{sampler.chunk} b{batch} f{frames}" + (" decoded" if use else "")
-            row, kept = _journaled(journal, key, lambda: _measure(model, batch, frames, latent_size, sampler, use))
+            use = decoder if role == "timed" and batch == 1 else None
+            variant = _variant(model)
+
+            def run() -> dict[str, Any]:
+                try:
+                    return _measure(model, batch, frames, latent_size, sampler, use)
+                except torch.OutOfMemoryError:
+                    if role != "timed":
+                        raise
+                    # Written down like any row: a resumed run does not try it again, nor reports a batch this
+                    # process happens to fit where the first one could not.
+                    return {"batch": batch, "window": sampler.window, "chunk": sampler.chunk, "oom": True}
+                finally:
+                    torch.cuda.empty_cache()
+
+            key = f"{variant} {role} w{sampler.window} c{sampler.chunk} b{batch} f{frames}"
+            row, kept = _journaled(journal, key, run)
             # A line per rollout, so that a run cut short still shows what it measured.
-            progress.console.print(("kept " if kept else "") + _row_line(model, row), highlight=False, soft_wrap=True)
+            progress.console.print(("kept " if kept else "") + _row_line(variant, role, row), highlight=False, soft_wrap=True)
             progress.advance(task)
             return row
 
+        # A block the compiler gave up on would run eagerly, unseen, in a report that says "compiled": it stops the bench.
+        compiled_only = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True) if settings.compile else contextlib.nullcontext()
         for variant in settings.variants:
             cfg = dense_cfg if variant == "dense" else mla_variant(dense_cfg, settings.dc, settings.rope_dim)
-            _bench_variant(random_model(cfg, dev, default_dtype(dev), settings.seed), measure, settings, latent_size,
-                           report, journal, rates)
+            with compiled_only:
+                _bench_variant(random_model(cfg, dev, default_dtype(dev), settings.seed), measure, settings, latent_size,
+                               report, journal, rates)
             torch.cuda.empty_cache()
     report = {
         "schema": "mlaconvert.bench/1",
@@ -243,7 +266,7 @@ def _bench_variant(model: WanModel, measure: Callable[..., dict[str, Any]], sett
                                             window=settings.windows[0], seed=settings.seed, graphs=settings.graphs)
         frames = latent_frames_for(settings.long_seconds)
         # The memory targets' rollout: the DiT alone.
-        long[variant] = {**measure(model, 1, frames, latent_size, sampler, decode=False), "seconds_of_video": settings.long_seconds}
+        long[variant] = {**measure(model, 1, frames, latent_size, sampler, role="long"), "seconds_of_video": settings.long_seconds}
     long.setdefault("weights_gib", {})[variant] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
     if settings.profile:
         device = next(model.parameters()).device
@@ -291,14 +314,10 @@ def _measure_batches(
     frames = window + chunk * settings.timed_chunks
     first = None
     if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
-        first = measure(model, 1, window + chunk, latent_size, sampler)["first_chunk_s"]
+        first = measure(model, 1, window + chunk, latent_size, sampler, role="warm-up")["first_chunk_s"]
     peaks = {}
     for batch in sorted(set(settings.batches) | {1, 2}):
-        try:
-            row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
-        except torch.OutOfMemoryError:
-            row = {"variant": variant, "batch": batch, "window": window, "chunk": chunk, "oom": True}
-        torch.cuda.empty_cache()
+        row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
         if batch in settings.batches:
             rows.append(row)
         if first is None and not row.get("oom"):

@@ -16,9 +16,12 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.outputs import atomic_file
 
 
+SUFFIX = ".measurements.jsonl"
+
+
 def journal_path(folder: str | Path, stem: str) -> Path:
     """Where the bench whose report is `stem`.json writes down its measurements until that report is written."""
-    return Path(folder) / f"{stem}.measurements.jsonl"
+    return Path(folder) / f"{stem}{SUFFIX}"
 
 
 class BenchJournal:
@@ -37,20 +40,30 @@ class BenchJournal:
             tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def _read(self) -> None:
+        folder = self.path.parent
         if not self.path.is_file():
-            raise MlaconvertError(f"nothing to resume: no '{self.path.name}' in '{self.path.parent}' (run without --resume)")
+            others = sorted(p.name for p in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+            hint = (f"; '{folder}' holds {', '.join(others)}: resume with the settings and device that bench ran with"
+                    if others else " (run without --resume)")
+            raise MlaconvertError(f"nothing to resume: no '{self.path.name}' in '{folder}'{hint}")
         lines = self.path.read_text().splitlines()
-        head = json.loads(lines[0]) if lines else {}
-        if head != self.identity:
+        try:
+            head = json.loads(lines[0])
+            entries = []
+            for line in lines[1:]:
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line of a process killed while writing it
+                    break
+            done = {entry["key"]: entry["value"] for entry in entries}
+        except (IndexError, json.JSONDecodeError, KeyError, TypeError):
+            raise MlaconvertError(f"'{self.path}' is not a bench journal; start over with --force") from None
+        if not isinstance(head, dict) or head != self.identity:
+            head = head if isinstance(head, dict) else {}
             differ = sorted(k for k in self.identity.keys() | head.keys() if head.get(k) != self.identity.get(k))
             raise MlaconvertError(f"'{self.path}' was measured with other settings ({', '.join(differ)} differ); "
                                   "start over with --force")
-        for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a process killed while writing it
-                break
-            self.done[entry["key"]] = entry["value"]
+        self.done = done
 
     def measured(self, key: str, measure: Callable[[], Any]) -> tuple[Any, bool]:
         """What `key` measured: from the journal if an earlier run wrote it down (then True), else measured now
