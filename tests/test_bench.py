@@ -141,6 +141,9 @@ def test_profile_splits_one_steady_forward_and_sets_its_floor_by_its_flops(tmp_p
         assert any(k["kind"] == "matmul" and k["calls"] > 0 for k in top)  # the projections are among the costliest
         floor = (flops["matmul"] / rates["matmul"] + flops["attention"] / rates["attention"]) / 1e12 * 1e3
         assert p["floor_ms"] == pytest.approx(floor)
+    text = io.StringIO()
+    print_bench(report, Console(file=text, width=200))
+    assert f"{report['profile']['mla']['top_kernels'][0]['ms']:7.2f} ms" in text.getvalue()
 
 
 def test_a_bench_cut_short_resumes_without_measuring_again(cli, tmp_path, monkeypatch):

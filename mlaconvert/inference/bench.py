@@ -363,6 +363,9 @@ def _ratios(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+PRINTED_KERNELS = 6  # of the profile's costliest kernels, on the console (the JSON keeps more)
+
+
 def print_bench(report: dict[str, Any], console: Console) -> None:
     from rich.table import Table
 
@@ -398,7 +401,10 @@ def print_bench(report: dict[str, Any], console: Console) -> None:
     for variant, p in report.get("profile", {}).items():
         k = p["kernel_ms"]
         console.print(f"one forward, {variant}: wall {p['wall_ms']:.1f} ms, kernels {k['total']:.1f} ms (attention {k['attention']:.1f}, "
-                      f"matmul {k['matmul']:.1f}, other {k['other']:.1f}), FLOP floor {p['floor_ms']:.1f} ms", highlight=False)
+                      f"matmul {k['matmul']:.1f}, other {k['other']:.1f}), FLOP floor {p['floor_ms']:.1f} ms", highlight=False, soft_wrap=True)
+        for kernel in p.get("top_kernels", [])[:PRINTED_KERNELS]:
+            console.print(f"  {kernel['ms']:7.2f} ms  {kernel['calls']:5d} calls  {kernel['kind']:<9} {kernel['name'][:90]}",
+                          highlight=False, markup=False, soft_wrap=True)
     for variant, value in report["long_rollout"].items():
         if variant != "weights_gib":
             peak = "-" if value["peak_memory_gib"] is None else f"{value['peak_memory_gib']:.2f}"
