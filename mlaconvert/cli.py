@@ -37,8 +37,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+LOGGED_WIDTH = 160  # columns of results written to a file or a pipe
 console = Console(stderr=True)
-out = Console()
+# Piped or logged, rich would assume 80 columns and cut the tables' headers short.
+out = Console() if sys.stdout.isatty() else Console(width=LOGGED_WIDTH)
 
 Device = Annotated[Optional[str], typer.Option(
     "--device", help="cuda or cpu (default: cuda when available, else the CPU; a full-size model needs --device cpu to run there).")]

@@ -31,6 +31,7 @@ class PlainProgress(Progress):
     def __init__(self, *columns: ProgressColumn, console: Console, every: float) -> None:
         super().__init__(*columns, console=console, disable=True)  # tasks are tracked, nothing is drawn
         self._out, self._every, self._printed = console, every, {}
+        self._ended: set[TaskID] = set()
 
     def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
         task = super().add_task(description, *args, **kwargs)
@@ -47,10 +48,14 @@ class PlainProgress(Progress):
 
     def _report(self, task_id: TaskID) -> None:
         now = time.monotonic()
-        if now - self._printed[task_id] < self._every:
+        task = self._tasks[task_id]
+        # The last step always gets its line (once): a log ending at 1/2 would read as a job that stalled.
+        ending = task.finished and task_id not in self._ended
+        if now - self._printed[task_id] < self._every and not ending:
             return
         self._printed[task_id] = now
-        task = self._tasks[task_id]
+        if task.finished:
+            self._ended.add(task_id)
         rate = f"{task.speed:.3g}/s" if task.speed else "-"
         left = f"{task.time_remaining:.0f} s left" if task.time_remaining is not None else "time left unknown"
         info = task.fields.get("info")
