@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_lines(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """A JSON-lines file, whole or not at all."""
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def append_json_line(path: str | os.PathLike, row: Any) -> None:
+    """One row onto a JSON-lines file, on disk before this returns: what a kill leaves is whole rows, but for
+    at most the one it was writing."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

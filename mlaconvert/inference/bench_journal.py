@@ -7,13 +7,12 @@ measured under different settings or on another card would not compare.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.outputs import atomic_file
+from mlaconvert.outputs import append_json_line, write_json_lines
 
 
 SUFFIX = ".measurements.jsonl"
@@ -35,9 +34,7 @@ class BenchJournal:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
         # Rewritten whole: a line a killed process left half-written must not run into the next one.
-        lines = [self.identity, *({"key": key, "value": value} for key, value in self.done.items())]
-        with atomic_file(path) as tmp:
-            tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        write_json_lines(path, [self.identity, *({"key": key, "value": value} for key, value in self.done.items())])
 
     def _read(self) -> None:
         folder = self.path.parent
@@ -71,9 +68,6 @@ class BenchJournal:
         if key in self.done:
             return self.done[key], True
         value = measure()
-        with self.path.open("a") as f:
-            f.write(json.dumps({"key": key, "value": value}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_json_line(self.path, {"key": key, "value": value})
         self.done[key] = value
         return value, False

@@ -48,11 +48,11 @@ from mlaconvert.training.horizon import HorizonCheck, best_of, horizon_check, re
 from mlaconvert.training.memory_plan import MemoryPlan, memory_plan
 from mlaconvert.training.objective import (AttentionOutputs, autocast_for, chunk_timesteps, context_draw, distill_loss, held_out_loss,
                                            noised, own_continuation, set_trainable, trainable_names)
-from mlaconvert.outputs import write_json
+from mlaconvert.outputs import append_json_line, write_json
 from mlaconvert.training.processes import Processes, processes
 from mlaconvert.training.sharding import (full_parameters, gradient_sync, load_optimizer_state, load_parameters, optimizer_state,
                                           spread, whole)
-from mlaconvert.training.training_run import (LOG_NAME, LOSS_PLOT, append_row, check_same_run, derived_seed, load_checkpoint, plot_loss,
+from mlaconvert.training.training_run import (LOG_NAME, LOSS_PLOT, check_same_run, derived_seed, load_checkpoint, plot_loss,
                                      check_output, clear_output, publish, read_run, save_checkpoint, training_rows, trim_log, warmup_cosine)
 
 AGREEMENT_NAME = "agreement.json"
@@ -346,7 +346,7 @@ def _start(model: str, output: Path, settings: FinetuneSettings, procs: Processe
         if check is not None:
             run.rows[0]["horizon"] = procs.same(check.score(student, settings))
             run.best = best_of(None, 0, run.rows[0]["horizon"], student)
-        procs.on_main(lambda: append_row(output / LOG_NAME, run.rows[0]))
+        procs.on_main(lambda: append_json_line(output / LOG_NAME, run.rows[0]))
     return run
 
 
@@ -377,7 +377,7 @@ def _record(run: RunState, row: dict[str, Any], progress: Any, task: Any) -> Non
     state = {**trainer.state_dict(), **({"best": run.best} if run.best is not None else {})} if checkpoint else None
 
     def write() -> None:
-        append_row(run.output / LOG_NAME, row)
+        append_json_line(run.output / LOG_NAME, row)
         if state is not None:
             save_checkpoint(run.output, state, {"step": step, "fingerprint": run.fingerprint, "before": run.before})
             plot_loss(run.rows, run.output / LOSS_PLOT)

@@ -29,7 +29,7 @@ import torch
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.config import WanConfig
-from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_json
+from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_json, write_json_lines
 
 LOG_NAME, LOSS_PLOT, CHECKPOINT_DIR = "train_log.jsonl", "loss.png", "checkpoint"
 
@@ -130,20 +130,13 @@ def trim_log(path: Path, step: int, *, write: bool = True) -> list[dict[str, Any
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     rows = [r for r in rows if r["step"] <= step]
     if write:
-        with atomic_file(path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_json_lines(path, rows)
     return rows
 
 
 def training_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of optimizer steps (the step-0 row holds only the held-out loss before training)."""
     return [r for r in rows if "loss" in r]
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """One row onto the log, closed at once: what a kill leaves must be whole rows."""
-    with open(path, "a") as log:
-        log.write(json.dumps(row) + "\n")
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
