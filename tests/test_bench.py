@@ -189,3 +189,36 @@ def test_a_bench_cut_short_resumes_without_measuring_again(cli, tmp_path, monkey
     assert sorted(p.name for p in out.iterdir()) == ["bench-cpu.json", "bench-cpu.png"]  # the journal went with the report
     r = cli(*args, "--resume")
     assert r.returncode == 1 and "nothing to resume: no 'bench-cpu.measurements.jsonl'" in r.stderr
+
+
+def test_a_compiled_bench_compiles_each_shape_in_a_rollout_it_does_not_measure(cli, tmp_path, monkeypatch):
+    """Compiling takes time and memory: no measured rollout may pay for it, in a resumed process either."""
+    import mlaconvert.inference.bench as bench
+    from mlaconvert.modeling.model import WanModel
+
+    monkeypatch.setattr(WanModel, "compile_blocks", lambda self: None)  # the CPU test checks the schedule, not Inductor
+    measure, calls, cut = bench._measure, [], {"at": 4}
+
+    def counted(model, batch, frames, *args):
+        calls.append((model.config.is_mla, batch, frames))
+        if len(calls) == cut["at"]:
+            raise KeyboardInterrupt
+        return measure(model, batch, frames, *args)
+
+    monkeypatch.setattr(bench, "_measure", counted)
+    out = tmp_path / "b"
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--height", "32", "--width", "32", "--window", "3",
+            "--batch", "1", "--timed-chunks", "2", "--long-seconds", "1", "--compile", "-o", str(out)]
+    assert cli(*args).returncode == 130
+    warm, timed, long = 6, 9, bench.latent_frames_for(1)
+    assert calls == [(False, 1, warm), (False, 1, timed), (False, 2, warm), (False, 2, timed)]
+    calls.clear()
+    cut["at"] = None
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    # Batch 1 was measured by the first process; this one compiles batch 1 again before the long rollout.
+    assert calls == [(False, 2, warm), (False, 2, timed), (False, 1, warm), (False, 1, long),
+                     (True, 1, warm), (True, 1, timed), (True, 2, warm), (True, 2, timed), (True, 1, long)]
+    report = json.loads((out / "bench-cpu-compiled.json").read_text())
+    rows = [row for row in report["rows"] if row["variant"] == "dense"]
+    assert report["paths"]["dense"]["time_to_first_chunk_s"] == rows[0]["warm_up_first_chunk_s"] > 0

@@ -149,3 +149,37 @@ def test_flex_attention_masks_equal_the_boolean_masks(models, kind):
                             for window, sink in ((None, 0), (3, 0), (4, 1)) for c in (None, clean)]
     for a, b in zip(out["sdpa"], out["flex"]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+class _TrigCount(torch.overrides.TorchFunctionMode):
+    """Counts the cos evaluations a piece of code asks torch for."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.cos, torch.Tensor.cos)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_rope_angles_are_made_once_per_forward_not_once_per_layer(models, kind):
+    """A compiled block fuses whatever trigonometry it is given into its key kernel, once per head and dim: the
+    angles must come from outside the blocks, the same number of times whatever the depth."""
+    model = models[kind]
+    x, text = clip()
+    t = torch.full((2, FRAMES), 500.0)
+    with torch.no_grad():
+        with _TrigCount() as plain:
+            model(x, t, text, chunk_frames=CHUNK)
+        cache = KVCache(model, batch=2, frame_shape=(H // 2, W // 2), window=4)
+        with _TrigCount() as stepping:
+            step = cache.step(CHUNK, commit=True)
+        with _TrigCount() as cached:
+            model(x[:, :, :CHUNK], t[:, :CHUNK], text, cache=step)
+    assert model.config.num_layers > 1
+    # Beside the timestep embedding's one: the queries' angles without a cache; keys' and queries' with one,
+    # made by the step, so that a forward against the cache (what a CUDA graph replays) makes none.
+    timestep_embedding = 1
+    assert (plain.calls, stepping.calls, cached.calls) == (timestep_embedding + 1, 2, timestep_embedding)

@@ -16,7 +16,7 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.config import MLAConfig, WanConfig
 from mlaconvert.modeling.model import DenseSelfAttention, LatentSelfAttention
 from mlaconvert.modeling.rope import rope_quota
-from mlaconvert.modeling.rope import grid_positions
+from mlaconvert.modeling.rope import Angles, grid_positions
 from mlaconvert.recipes import parse_dc
 
 
@@ -68,7 +68,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_one_head_full_rank_full_rope_is_exact(head_dim):
     dense = dense_attention(1, head_dim)
     latent, _ = latent_from(dense, 1, head_dim, dc=head_dim, rope_dim=head_dim)
-    x, pos = torch.randn(2, 3 * 4 * 5, head_dim, dtype=torch.float64), grid_positions(3, 4, 5, first_frame=7)
+    x, pos = torch.randn(2, 3 * 4 * 5, head_dim, dtype=torch.float64), Angles.at(grid_positions(3, 4, 5, first_frame=7), head_dim)
     with torch.no_grad():
         assert relative(latent(x, pos), dense(x, pos)) < 1e-6  # the attention math runs in float32 internally
 
@@ -77,7 +77,7 @@ def test_rope_key_is_exact_when_heads_share_a_direction():
     dense = dense_attention(3, 24, shared_rope_direction=True)
     latent, factors = latent_from(dense, 3, 24, dc=72, rope_dim=24)
     assert factors.rope_energy_kept == pytest.approx(1.0, abs=1e-12)
-    x, pos = torch.randn(1, 2 * 3 * 4, 72, dtype=torch.float64), grid_positions(2, 3, 4)
+    x, pos = torch.randn(1, 2 * 3 * 4, 72, dtype=torch.float64), Angles.at(grid_positions(2, 3, 4), 24)
     with torch.no_grad():
         assert relative(latent(x, pos), dense(x, pos)) < 1e-6
     # ... and not exact when they do not: the test above could fail.
@@ -92,7 +92,7 @@ def test_measured_key_errors_vanish_exactly_when_the_layer_is_exact():
     from mlaconvert.conversion.convert import measure_layer
 
     heads, hd = 3, 24
-    x, pos = torch.randn(1, 2 * 3 * 4, heads * hd), grid_positions(2, 3, 4)
+    x, pos = torch.randn(1, 2 * 3 * 4, heads * hd), Angles.at(grid_positions(2, 3, 4), hd)
     errors = {}
     for shared in (True, False):
         dense = dense_attention(heads, hd, seed=1, shared_rope_direction=shared)

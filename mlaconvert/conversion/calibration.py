@@ -21,6 +21,7 @@ from torch import nn
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.inference.sampling import SamplerSettings, warp_timesteps
 from mlaconvert.modeling.model import WanModel
+from mlaconvert.modeling.rope import Angles
 
 # The timesteps a streaming model runs at: the default denoising list warped by the default shift (Self-Forcing's).
 DEFAULT_TIMESTEPS = tuple(warp_timesteps(SamplerSettings.timesteps, SamplerSettings.shift))
@@ -28,10 +29,10 @@ DEFAULT_TIMESTEPS = tuple(warp_timesteps(SamplerSettings.timesteps, SamplerSetti
 
 @dataclass
 class Calibration:
-    """Per layer: E[x̃ x̃ᵀ] with x̃ = [x; 1], and a few whole samples (tokens, positions) for measuring errors."""
+    """Per layer: E[x̃ x̃ᵀ] with x̃ = [x; 1], and a few whole samples (tokens, their RoPE angles) for measuring errors."""
 
     second_moments: list[torch.Tensor]
-    samples: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    samples: list[list[tuple[torch.Tensor, Angles]]]
     description: dict = field(default_factory=dict)
 
 
@@ -90,16 +91,16 @@ def calibrate(
         text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen)
     n = len(model.blocks)
     moments = [torch.zeros(cfg.dim + 1, cfg.dim + 1, dtype=torch.float64) for _ in range(n)]
-    samples: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+    samples: list[list[tuple[torch.Tensor, Angles]]] = [[] for _ in range(n)]
     count = 0
 
     def record(index: int, args: tuple[Any, ...], _output: Any) -> None:
-        x, positions = args[0], args[1]
+        x, angles = args[0], args[1]
         flat = x.reshape(-1, x.shape[-1]).double().cpu()
         aug = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
         moments[index].add_(aug.T @ aug)
         if len(samples[index]) < keep_samples:
-            samples[index].append((x[:1].float().cpu(), positions.cpu()))
+            samples[index].append((x[:1].float().cpu(), angles.to("cpu")))
 
     with recording_forwards([block.self_attn for block in model.blocks], record):
         for t in timesteps:

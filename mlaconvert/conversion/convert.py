@@ -35,7 +35,7 @@ from mlaconvert.fields import setting
 from mlaconvert.inference.sampling import SamplerSettings, warp_timesteps
 from mlaconvert.modeling.config import MLAConfig, WanConfig
 from mlaconvert.modeling.model import DenseSelfAttention, LatentSelfAttention, load_model
-from mlaconvert.modeling.rope import AXES, rope_quota
+from mlaconvert.modeling.rope import AXES, Angles, rope_quota
 
 INITS = ("svd", "asvd", "random")
 
@@ -247,7 +247,7 @@ def _layer_records(
 def measure_layer(
     dense_weights: dict[str, torch.Tensor],
     factors: LayerFactors,
-    samples: list[tuple[torch.Tensor, torch.Tensor]],
+    samples: list[tuple[torch.Tensor, Angles]],
     config: WanConfig,
     mla_config: WanConfig,
     layer: int,
@@ -264,14 +264,14 @@ def measure_layer(
     num = dict.fromkeys(("k", "k_normed", "v", "attn"), 0.0)
     den = dict.fromkeys(num, 0.0)
     latents = []
-    for x, positions in samples:
+    for x, angles in samples:
         k_true = dense.k(x).view(*x.shape[:-1], *key_shape)
         entries = latent.entries(x)
         latents.append(entries[0].reshape(-1, entries[0].shape[-1]))
         k_hat, scale = dense_layout_keys(latent, entries, factors.rope_pairs, g_k)
         kn_true, kn_hat = dense.norm_k(dense.k(x)).view_as(k_true), k_hat * scale.unsqueeze(-1).unsqueeze(-1) * g_k
         v_true, v_hat = dense.v(x), latent.v_up(entries[0])
-        a_true, a_hat = dense(x, positions), latent(x, positions)
+        a_true, a_hat = dense(x, angles), latent(x, angles)
         pairs = {"k": (k_true, k_hat), "k_normed": (kn_true, kn_hat), "v": (v_true, v_hat), "attn": (a_true, a_hat)}
         for key, (t, e) in pairs.items():
             num[key] += float((t - e).pow(2).sum())

@@ -78,7 +78,7 @@ def random_model(config: WanConfig, device: torch.device, dtype: torch.dtype, se
 
 
 def _rollouts_per_variant(settings: BenchSettings) -> int:
-    grid = len(settings.windows) * len(settings.chunks) * (len(set(settings.batches) | {1, 2}) + settings.compile)
+    grid = len(settings.windows) * len(settings.chunks) * len(set(settings.batches) | {1, 2})
     return grid + (settings.long_seconds > 0)
 
 
@@ -98,7 +98,7 @@ def _measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, i
         "chunk": settings.chunk,
         "latent_frames": frames,
         "chunk_latency_s": latency,
-        "first_chunk_s": result.chunk_seconds[0],  # the first chunk of a variant's first rollout includes its warm-up
+        "first_chunk_s": result.chunk_seconds[0],
         # The chunk that fills the window: with --graphs, the one whose forwards are captured.
         "filling_chunk_s": result.chunk_seconds[min(chunks_to_fill, len(result.chunk_seconds)) - 1],
         "fps": video_frames / latency,
@@ -180,16 +180,27 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
         decoder = StreamingDecoder(random_vae(dense_cfg.out_dim, small=settings.preset == "tiny", device=dev,
                                               dtype=default_dtype(dev))) if settings.decode else None
 
+        warmed: set[tuple[str, int, int, int]] = set()
+
         def measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
                     role: str = "timed") -> dict[str, Any]:
-            """One rollout; `role`: timed (a row, out of memory allowed), warm-up (compiles) or long (memory)."""
+            """One rollout; `role`: timed (a row, out of memory allowed) or long (memory)."""
             # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
             use = decoder if role == "timed" and batch == 1 else None
             variant = _variant(model)
+            shape = (variant, batch, sampler.window, sampler.chunk)
 
             def run() -> dict[str, Any]:
                 try:
-                    return _measure(model, batch, frames, latent_size, sampler, use)
+                    warm_up = {}
+                    if settings.compile and shape not in warmed:
+                        # This process compiles each shape in a rollout of its own first: compiling (and the
+                        # memory the compiler takes) stays out of the rollout measured, resumed runs included.
+                        first = _measure(model, batch, sampler.window + sampler.chunk, latent_size, sampler)["first_chunk_s"]
+                        warmed.add(shape)
+                        progress.console.print(f"{variant} warm-up batch {batch}: first chunk {first:.1f} s", highlight=False)
+                        warm_up = {"warm_up_first_chunk_s": first}
+                    return {**_measure(model, batch, frames, latent_size, sampler, use), **warm_up}
                 except torch.OutOfMemoryError:
                     if role != "timed":
                         raise
@@ -309,19 +320,17 @@ def _measure_batches(
 ) -> tuple[dict[int, float], float | None]:
     """One (window, chunk) of one variant at every batch asked for, plus batches 1 and 2 for the per-stream
     growth; appends the rows asked for and returns the peak memory (GiB) of each batch that has one, and how long
-    the first chunk of its first rollout took."""
+    the first chunk of its first rollout took (its compilation included)."""
     window, chunk = sampler.window, sampler.chunk
     frames = window + chunk * settings.timed_chunks
     first = None
-    if settings.compile:  # compile (and its first recompiles) outside the timed rollouts
-        first = measure(model, 1, window + chunk, latent_size, sampler, role="warm-up")["first_chunk_s"]
     peaks = {}
     for batch in sorted(set(settings.batches) | {1, 2}):
         row = {"variant": variant, **measure(model, batch, frames, latent_size, sampler)}
         if batch in settings.batches:
             rows.append(row)
         if first is None and not row.get("oom"):
-            first = row["first_chunk_s"]
+            first = row.get("warm_up_first_chunk_s", row["first_chunk_s"])
         if not row.get("oom") and row["peak_memory_gib"] is not None:
             peaks[batch] = row["peak_memory_gib"]
     return peaks, first

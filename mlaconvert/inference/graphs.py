@@ -2,7 +2,7 @@
 
 Once the window is full, every forward of a chunk (each denoising step and the commit pass) has the same
 shapes: the ring buffer keeps every cached tensor in place, and only the chunk's values, its timesteps, the
-slots it writes and the positions change. A forward of the 1.3B model launches a few thousand small kernels,
+slots it writes and the RoPE angles of the positions change. A forward of the 1.3B model launches a few thousand small kernels,
 whose launch cost rivals their work at batch 1; replayed as one graph they cost one launch. `ChunkForward`
 captures the forward of each such shape once and replays it with the new inputs copied into the captured ones.
 Before the window fills, and off CUDA, it runs the model as it is: dense and latent models alike, since the
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mlaconvert.modeling.cache import CacheStep
+from mlaconvert.modeling.rope import Angles
 from mlaconvert.modeling.model import WanModel
 
 WARM_UP = 3  # forwards before a capture, as PyTorch's own examples run
@@ -25,7 +26,7 @@ WARM_UP = 3  # forwards before a capture, as PyTorch's own examples run
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # x, t, text, write_index, key_positions, query_positions: the graph reads these
+    inputs: tuple[torch.Tensor, ...]  # x, t, text, write_index, keys' cos, sin, queries' cos, sin: the graph reads these
     output: torch.Tensor  # the graph writes this
 
     def replay(self, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -47,7 +48,8 @@ class ChunkForward:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, step: CacheStep) -> torch.Tensor:
         if not self.enabled or step.n_tokens < step.cache.window * step.cache.tokens_per_frame:
             return self.model(x, t, text, cache=step)
-        values = (x, t, text, step.write_index, step.key_positions, step.query_positions)
+        keys, queries = step.key_angles, step.query_angles
+        values = (x, t, text, step.write_index, keys.cos, keys.sin, queries.cos, queries.sin)
         key = tuple(tuple(v.shape) for v in values)
         if key not in self.captured:
             self.captured[key] = self._capture(values, step)
@@ -58,8 +60,9 @@ class ChunkForward:
         workspaces, the allocator's first blocks, compiled blocks' recompiles) happens outside the capture; they
         write the chunk's own cache slots with the chunk's own entries, which the replay then writes again."""
         inputs = tuple(v.clone() for v in values)
-        x, t, text, write_index, key_positions, query_positions = inputs
-        static = dataclasses.replace(step, write_index=write_index, key_positions=key_positions, query_positions=query_positions)
+        x, t, text, write_index, key_cos, key_sin, query_cos, query_sin = inputs
+        static = dataclasses.replace(step, write_index=write_index, key_angles=Angles(key_cos, key_sin),
+                                     query_angles=Angles(query_cos, query_sin))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -23,7 +23,7 @@ import torch
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.model import WanModel
-from mlaconvert.modeling.rope import grid_positions
+from mlaconvert.modeling.rope import Angles, grid_positions
 
 
 class KVCache:
@@ -47,6 +47,7 @@ class KVCache:
             raise MlaconvertError(f"positions must be 'absolute' or 'reindex', not '{positions}'")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.head_dim, self.rope_theta = model.config.head_dim, model.config.rope_theta
         self.batch, self.frame_shape, self.window, self.sink, self.positions = batch, frame_shape, window, sink, positions
         self.tokens_per_frame = frame_shape[0] * frame_shape[1]
         tokens = window * self.tokens_per_frame
@@ -89,12 +90,15 @@ class KVCache:
             return torch.cat([grid_positions(1, rows, cols, first_frame=p, device=self.device) for p in pos_frames])
 
         new_slots = [self._slot(f) for f in new]
+        keys, queries = positions_of(frame_pos), positions_of([frame_pos[s] for s in new_slots])
         step = CacheStep(
             cache=self,
             write_index=tokens_of(new_slots),
             n_tokens=n_slots * tpf,
-            key_positions=positions_of(frame_pos),
-            query_positions=positions_of([frame_pos[s] for s in new_slots]),
+            key_positions=keys,
+            query_positions=queries,
+            key_angles=Angles.at(keys, self.head_dim, self.rope_theta),
+            query_angles=Angles.at(queries, self.head_dim, self.rope_theta),
         )
         if commit:
             self.slot_frame = slot_frame
@@ -113,13 +117,16 @@ class KVCache:
 
 @dataclass
 class CacheStep:
-    """One forward's view of the cache: where the chunk's entries go and at which positions everything sits."""
+    """One forward's view of the cache: where the chunk's entries go and at which positions everything sits
+    (and their RoPE angles, made here once for every layer)."""
 
     cache: KVCache
     write_index: torch.Tensor
     n_tokens: int
     key_positions: torch.Tensor
     query_positions: torch.Tensor
+    key_angles: Angles
+    query_angles: Angles
 
     def layer(self, index: int) -> _LayerView:
         return _LayerView(self, self.cache.layers[index])
@@ -136,9 +143,9 @@ class _LayerView:
     def fixed_positions(self) -> bool:
         return self.step.cache.positions == "absolute"
 
-    def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], Angles]:
         stored = self.stored
         for buf, e in zip(stored, entries):
             buf.index_copy_(1, self.step.write_index, e.to(buf.dtype))
-        return tuple(buf[:, : self.step.n_tokens] for buf in stored), self.step.key_positions
+        return tuple(buf[:, : self.step.n_tokens] for buf in stored), self.step.key_angles
 

@@ -8,11 +8,12 @@ Parameter names are Wan's native ones, so a native state dict loads as is. Shape
     blocks: x += self_attn(mod(norm1 x)) * gate; x += cross_attn(norm3 x, context); x += ffn(mod(norm2 x)) * gate
     head: modulated norm, linear, unpatchify -> flow prediction (B, C, F, H, W)
 
-Self-attention sees the world through these methods, which is all a KV cache needs:
-    entries(x)                 -> the per-token tensors a cache stores (dense: k, v; MLA: latent c, rope key r)
-    rotate_entries(e, pos)     -> the same, rotated once at write when positions stay fixed (dense only)
-    keys_values(entries, pos)  -> per-head K, V (rotated at the positions the cache assigns)
-    queries(x, pos)            -> per-head Q
+Self-attention sees the world through these methods, which is all a KV cache needs (`angles`: the RoPE angles of
+the tokens' positions, made once per forward, rope.Angles):
+    entries(x)                    -> the per-token tensors a cache stores (dense: k, v; MLA: latent c, rope key r)
+    rotate_entries(e, angles)     -> the same, rotated once at write when positions stay fixed (dense only)
+    keys_values(entries, angles)  -> per-head K, V (rotated at the positions the cache assigns)
+    queries(x, angles)            -> per-head Q
 The residual stream and all modulation run in float32 as in Wan; linear layers run in the weights' dtype.
 """
 
@@ -32,7 +33,7 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.config import WanConfig
 from mlaconvert.modeling.layers import Conv3d, LayerNorm, Linear, RMSNorm, sinusoid
 from mlaconvert.modeling.masks import AttentionBackend, Mask, attention, chunked_inputs
-from mlaconvert.modeling.rope import Rotary, grid_positions, leading_rope_pairs
+from mlaconvert.modeling.rope import Angles, Rotary, grid_positions, leading_rope_pairs
 
 
 class LayerKV(Protocol):
@@ -42,15 +43,15 @@ class LayerKV(Protocol):
     # attention may then store its keys rotated once, at write, instead of rotating the whole window each forward.
     fixed_positions: bool
 
-    def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Return (cached + new entries, their RoPE positions); store the new ones if this forward commits."""
+    def extend(self, entries: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], Angles]:
+        """Return (cached + new entries, the RoPE angles of their positions); store the new ones if this forward commits."""
         ...
 
 
 class KVStep(Protocol):
-    """What a cache hands the model for one forward: query positions and per-layer views."""
+    """What a cache hands the model for one forward: the queries' RoPE angles and per-layer views."""
 
-    query_positions: torch.Tensor
+    query_angles: Angles
 
     def layer(self, index: int) -> LayerKV: ...
 
@@ -66,16 +67,16 @@ class Attention(nn.Module):
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def rotate_entries(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def rotate_entries(self, entries: tuple[torch.Tensor, ...], angles: Angles) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def keys_values(
-        self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
+        self, entries: tuple[torch.Tensor, ...], angles: Angles, rotated: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values per head; `rotated`: the entries went through `rotate_entries` already."""
         raise NotImplementedError
 
-    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def queries(self, x: torch.Tensor, angles: Angles) -> torch.Tensor:
         raise NotImplementedError
 
     def cache_widths(self) -> tuple[int, ...]:
@@ -85,19 +86,20 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        angles: Angles,
         past: LayerKV | None = None,
         mask: Mask | None = None,
     ) -> torch.Tensor:
+        """x (B, L, dim); angles: of the L tokens' positions; past: the cache's view, whose entries come first."""
         entries = self.entries(x)
-        kv_positions, rotated = positions, False
+        kv_angles, rotated = angles, False
         if past is not None:
             rotated = past.fixed_positions and self.rotates_at_write
             if rotated:
-                entries = self.rotate_entries(entries, positions)
-            entries, kv_positions = past.extend(entries)
-        q = self.queries(x, positions)
-        k, v = self.keys_values(entries, kv_positions, rotated)
+                entries = self.rotate_entries(entries, angles)
+            entries, kv_angles = past.extend(entries)
+        q = self.queries(x, angles)
+        k, v = self.keys_values(entries, kv_angles, rotated)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = attention(q, k, v, mask)
         return self.o(out.transpose(1, 2).flatten(2))
@@ -113,7 +115,7 @@ class DenseSelfAttention(Attention):
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
-        self.rotary = Rotary.full(config.head_dim, config.rope_theta)
+        self.rotary = Rotary.full(config.head_dim)
 
     def cache_widths(self) -> tuple[int, ...]:
         return (self.num_heads * self.head_dim,) * 2
@@ -126,20 +128,20 @@ class DenseSelfAttention(Attention):
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.norm_k(self.k(x)), self.v(x)
 
-    def rotate_entries(self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def rotate_entries(self, entries: tuple[torch.Tensor, ...], angles: Angles) -> tuple[torch.Tensor, ...]:
         k, v = entries
-        rotated = self.rotary.apply(k.unflatten(-1, (self.num_heads, self.head_dim)), *self.rotary.cos_sin(positions))
+        rotated = self.rotary.apply(k.unflatten(-1, (self.num_heads, self.head_dim)), *self.rotary.cos_sin(angles))
         return rotated.flatten(-2), v
 
     def keys_values(
-        self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
+        self, entries: tuple[torch.Tensor, ...], angles: Angles, rotated: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = (e.unflatten(-1, (self.num_heads, self.head_dim)) for e in entries)
-        return (k if rotated else self.rotary.apply(k, *self.rotary.cos_sin(positions))), v
+        return (k if rotated else self.rotary.apply(k, *self.rotary.cos_sin(angles))), v
 
-    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def queries(self, x: torch.Tensor, angles: Angles) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        return self.rotary.apply(q, *self.rotary.cos_sin(positions))
+        return self.rotary.apply(q, *self.rotary.cos_sin(angles))
 
 
 class LatentSelfAttention(Attention):
@@ -175,7 +177,7 @@ class LatentSelfAttention(Attention):
         self.k_rope_norm = nn.Parameter(torch.eye(2).repeat(dr // 2, 1, 1) * self.num_heads)
         self.o = Linear(dim, dim)
         rope_pairs = mla.rope_pairs[layer] if mla.rope_pairs else leading_rope_pairs(config.head_dim, dr)
-        self.rotary = Rotary([p for axis in rope_pairs for p in axis], config.head_dim, config.rope_theta)
+        self.rotary = Rotary([p for axis in rope_pairs for p in axis], config.head_dim)
 
     def cache_widths(self) -> tuple[int, ...]:
         return self.kv_down.out_features, self.rope_dim
@@ -218,7 +220,7 @@ class LatentSelfAttention(Attention):
         return k, self.key_scale(k_c, r)
 
     def keys_values(
-        self, entries: tuple[torch.Tensor, ...], positions: torch.Tensor, rotated: bool = False
+        self, entries: tuple[torch.Tensor, ...], angles: Angles, rotated: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The rope key stays unrotated in the cache: its per-token scale is a quadratic form of the unrotated r.
         if rotated:
@@ -228,17 +230,17 @@ class LatentSelfAttention(Attention):
         pairs = r.float().unflatten(-1, (-1, 2))
         scale = self.key_scale(k_c, r)
         k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
-        k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(positions))
+        k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(angles))
         k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
         v = self.v_up(c).unflatten(-1, (self.num_heads, self.head_dim))
         return k, v
 
-    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def queries(self, x: torch.Tensor, angles: Angles) -> torch.Tensor:
         q = self.q_up(self.q_down(x)) if hasattr(self, "q_down") else self.q(x)
         q = self.norm_q(q).unflatten(-1, (self.num_heads, self.head_dim))
         q_c, q_r = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_r = torch.einsum("blhpj,hpij->blhpi", q_r.unflatten(-1, (-1, 2)), self.q_rope_mix.to(q_r.dtype)).flatten(-2)
-        return torch.cat([q_c, self.rotary.apply(q_r, *self.rotary.cos_sin(positions))], dim=-1)
+        return torch.cat([q_c, self.rotary.apply(q_r, *self.rotary.cos_sin(angles))], dim=-1)
 
 
 class CrossAttention(nn.Module):
@@ -283,7 +285,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         e0: torch.Tensor,
         context: torch.Tensor,
-        positions: torch.Tensor,
+        angles: Angles,
         past: LayerKV | None,
         mask: Mask | None,
     ) -> torch.Tensor:
@@ -297,7 +299,7 @@ class Block(nn.Module):
         def gated(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
             return (h.float().view(b, frames, -1, h.shape[-1]) * gate).flatten(1, 2)
 
-        y = self.self_attn(modulate(self.norm1(x), e[0], e[1]), positions, past, mask)
+        y = self.self_attn(modulate(self.norm1(x), e[0], e[1]), angles, past, mask)
         x = x + gated(y, e[2])
         x = x + self.cross_attn(self.norm3(x), context).float()
         y = self.ffn(modulate(self.norm2(x), e[3], e[4]))
@@ -385,12 +387,12 @@ class WanModel(nn.Module):
         Every block shares one compiled-code cache, Block.forward's. Sizes of 1 are specialised even under
         dynamic shapes, so a batch of 1 or more, a chunk of 1 frame or more, a window filling or full each
         take their own entry: more than torch's default limit of 8, past which the blocks would silently run
-        uncompiled. The limit is raised to hold them, and the rope tables go to the device now rather than
-        in the first compiled call, whose guard on them would fail at the second."""
+        uncompiled. The limit is raised to hold them, and the rope pairs' indices go to the device now rather
+        than in the first compiled call, whose guard on them would fail at the second."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
         device = next(self.parameters()).device
         for block in self.blocks:
-            block.self_attn.rotary.tables(device)
+            block.self_attn.rotary.index(device)
             block.compile(dynamic=True)
 
     def forward(
@@ -430,13 +432,15 @@ class WanModel(nn.Module):
         positions = grid_positions(*grid, first_frame=first_frame, device=latents.device)
         mask = None
         if cache is not None:
-            positions = cache.query_positions
+            angles = cache.query_angles
         elif chunk_frames is not None:
             latents, t, positions, mask = chunked_inputs(
                 latents, t, positions, grid, first_frame, chunk_frames, window, sink, clean, self.attention_backend
             )
         elif clean is not None:
             raise MlaconvertError("teacher forcing (clean=...) needs chunk_frames")
+        if cache is None:
+            angles = Angles.at(positions, cfg.head_dim, cfg.rope_theta)
 
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).float()
         e = self.time_embedding(sinusoid(t, cfg.freq_dim)).float()
@@ -446,9 +450,9 @@ class WanModel(nn.Module):
         for i, block in enumerate(self.blocks):
             past = cache.layer(i) if cache is not None else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, context, positions, past, mask, use_reentrant=False)
+                x = checkpoint(block, x, e0, context, angles, past, mask, use_reentrant=False)
             else:
-                x = block(x, e0, context, positions, past, mask)
+                x = block(x, e0, context, angles, past, mask)
 
         out = self.head(x, e).float()
         if clean is not None:
