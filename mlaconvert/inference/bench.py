@@ -14,7 +14,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from mlaconvert.devices import GiB, choose_device, default_dtype
 from mlaconvert.fields import help_of, setting
 from mlaconvert.inference.sampling import (FRAMES_PER_LATENT, ROPE_TABLE, SamplerOptions, SamplerSettings, check_video_size, latent_frames_for,
                                            rollout)
-from mlaconvert.inference.bench_journal import BenchJournal, journal_path
+from mlaconvert.inference.bench_journal import FORMAT, BenchJournal, journal_path
 from mlaconvert.inference.profile import device_rates, forward_breakdown, steady_forward
 from mlaconvert.inference.video import StreamingDecoder, random_vae
 from mlaconvert.modeling.config import MLAConfig, WanConfig, preset
@@ -157,8 +157,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
     """Measure every (variant, window, chunk, batch) and the long rollout; returns the JSON-ready report.
 
     With `journal_dir`, every measurement is written down there as it finishes (see bench_journal), and `resume`
-    carries on from what an earlier run of the same settings wrote. (After a resume, the first rollout measured
-    anew pays this process's compilation in its first chunk; its steady-state latency does not.)
+    carries on from what an earlier run of the same settings wrote. With `compile`, each process compiles each
+    shape in a warm-up rollout that is not measured, resumed ones included.
     device "cpu" exists to exercise the code on tiny configs (preset "tiny"); memory figures need CUDA.
     """
     dense_cfg, dev = _bench_device(settings, device)
@@ -167,7 +167,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
     journal = None
     if journal_dir is not None:
         # Rows from another build would not compare either: the version and torch's are part of what must match.
-        identity = {"device": name, "mlaconvert": __version__, "torch": torch.__version__, **settings.__dict__}
+        identity = {"journal": FORMAT, "device": name, "mlaconvert": __version__, "torch": torch.__version__, **settings.__dict__}
         journal = BenchJournal(journal_path(journal_dir, report_stem(settings, name)), identity, resume)
     # The card's memory free to this process (its CUDA context and any other process's use come off the total).
     card = torch.cuda.mem_get_info(dev)[0] / GiB if dev.type == "cuda" else None
@@ -180,7 +180,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
         decoder = StreamingDecoder(random_vae(dense_cfg.out_dim, small=settings.preset == "tiny", device=dev,
                                               dtype=default_dtype(dev))) if settings.decode else None
 
-        warmed: set[tuple[str, int, int, int]] = set()
+        warmed: set[tuple[str, int, int, int, str]] = set()
 
         def measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
                     role: str = "timed") -> dict[str, Any]:
@@ -188,7 +188,9 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
             # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
             use = decoder if role == "timed" and batch == 1 else None
             variant = _variant(model)
-            shape = (variant, batch, sampler.window, sampler.chunk)
+            # A long rollout past the RoPE table re-indexes its positions: other code, compiled on its own.
+            positions = sampler.positions_for(frames)
+            shape = (variant, batch, sampler.window, sampler.chunk, positions)
 
             def run() -> dict[str, Any]:
                 try:
@@ -196,7 +198,8 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
                     if settings.compile and shape not in warmed:
                         # This process compiles each shape in a rollout of its own first: compiling (and the
                         # memory the compiler takes) stays out of the rollout measured, resumed runs included.
-                        first = _measure(model, batch, sampler.window + sampler.chunk, latent_size, sampler)["first_chunk_s"]
+                        same = replace(sampler, positions=positions)
+                        first = _measure(model, batch, sampler.window + sampler.chunk, latent_size, same)["first_chunk_s"]
                         warmed.add(shape)
                         progress.console.print(f"{variant} warm-up batch {batch}: first chunk {first:.1f} s", highlight=False)
                         warm_up = {"warm_up_first_chunk_s": first}
@@ -320,7 +323,7 @@ def _measure_batches(
 ) -> tuple[dict[int, float], float | None]:
     """One (window, chunk) of one variant at every batch asked for, plus batches 1 and 2 for the per-stream
     growth; appends the rows asked for and returns the peak memory (GiB) of each batch that has one, and how long
-    the first chunk of its first rollout took (its compilation included)."""
+    the first chunk of its first rollout took (with --compile, its warm-up's: compilation included)."""
     window, chunk = sampler.window, sampler.chunk
     frames = window + chunk * settings.timed_chunks
     first = None

@@ -16,6 +16,9 @@ from mlaconvert.outputs import append_json_line, write_json_lines
 
 
 SUFFIX = ".measurements.jsonl"
+# Part of a journal's identity: rows written by a bench that measured them otherwise (before each compiled row had
+# a warm-up of its own, say) do not resume.
+FORMAT = 2
 
 
 def journal_path(folder: str | Path, stem: str) -> Path:

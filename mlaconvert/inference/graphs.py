@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from mlaconvert.modeling.cache import CacheStep
-from mlaconvert.modeling.rope import Angles
 from mlaconvert.modeling.model import WanModel
+from mlaconvert.modeling.rope import Angles
 
 WARM_UP = 3  # forwards before a capture, as PyTorch's own examples run
 

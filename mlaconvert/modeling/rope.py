@@ -77,7 +77,7 @@ def _pair_table_on(head_dim: int, theta: float, device: torch.device) -> tuple[t
     return tuple(t.to(device) for t in pair_table(head_dim, theta))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class Angles:
     """cos and sin of every pair's angle (all head_dim/2 of a head) at each of L tokens: (L, head_dim/2), float32.
 
