@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import Progress, TaskID
 
 from mlaconvert import __version__
 from mlaconvert.checkpoints.builtin import TINY_WAN
@@ -179,47 +180,7 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
         task = progress.add_task("bench", total=len(settings.variants) * _rollouts_per_variant(settings))
         decoder = StreamingDecoder(random_vae(dense_cfg.out_dim, small=settings.preset == "tiny", device=dev,
                                               dtype=default_dtype(dev))) if settings.decode else None
-
-        warmed: set[tuple[str, int, int, int, str]] = set()
-
-        def measure(model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
-                    role: str = "timed") -> dict[str, Any]:
-            """One rollout; `role`: timed (a row, out of memory allowed) or long (memory)."""
-            # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
-            use = decoder if role == "timed" and batch == 1 else None
-            variant = _variant(model)
-            # A long rollout past the RoPE table re-indexes its positions: other code, compiled on its own.
-            positions = sampler.positions_for(frames)
-            shape = (variant, batch, sampler.window, sampler.chunk, positions)
-
-            def run() -> dict[str, Any]:
-                try:
-                    warm_up = {}
-                    if settings.compile and shape not in warmed:
-                        # This process compiles each shape in a rollout of its own first: compiling (and the
-                        # memory the compiler takes) stays out of the rollout measured, resumed runs included.
-                        same = replace(sampler, positions=positions)
-                        first = _measure(model, batch, sampler.window + sampler.chunk, latent_size, same)["first_chunk_s"]
-                        warmed.add(shape)
-                        progress.console.print(f"{variant} warm-up batch {batch}: first chunk {first:.1f} s", highlight=False)
-                        warm_up = {"warm_up_first_chunk_s": first}
-                    return {**_measure(model, batch, frames, latent_size, sampler, use), **warm_up}
-                except torch.OutOfMemoryError:
-                    if role != "timed":
-                        raise
-                    # Written down like any row: a resumed run does not try it again, nor reports a batch this
-                    # process happens to fit where the first one could not.
-                    return {"batch": batch, "window": sampler.window, "chunk": sampler.chunk, "oom": True}
-                finally:
-                    torch.cuda.empty_cache()
-
-            key = f"{variant} {role} w{sampler.window} c{sampler.chunk} b{batch} f{frames}"
-            row, kept = _journaled(journal, key, run)
-            # A line per rollout, so that a run cut short still shows what it measured.
-            progress.console.print(("kept " if kept else "") + _row_line(variant, role, row), highlight=False, soft_wrap=True)
-            progress.advance(task)
-            return row
-
+        measure = _Rollouts(settings, journal, decoder, progress, task)
         # A block the compiler gave up on would run eagerly, unseen, in a report that says "compiled": it stops the bench.
         compiled_only = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True) if settings.compile else contextlib.nullcontext()
         for variant in settings.variants:
@@ -244,6 +205,61 @@ def run_bench(settings: BenchSettings, *, device: str | None = None, journal_dir
     if journal is not None:
         report["resumed"] = resume
     return report
+
+
+class _Rollouts:
+    """The bench's rollouts, each journaled (kept from the journal when an earlier run measured it), reported in a
+    line, and with `compile` preceded by a warm-up rollout of the same shape that is not measured."""
+
+    def __init__(self, settings: BenchSettings, journal: BenchJournal | None, decoder: StreamingDecoder | None,
+                 progress: Progress, task: TaskID):
+        self.settings, self.journal, self.decoder, self.progress, self.task = settings, journal, decoder, progress, task
+        self.warmed: set[tuple[str, int, int, int, str]] = set()
+
+    def _say(self, line: str) -> None:
+        # A line per rollout, so that a run cut short still shows what it measured.
+        self.progress.console.print(line, highlight=False, soft_wrap=True)
+
+    def __call__(self, model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
+                 role: str = "timed") -> dict[str, Any]:
+        """One rollout; `role`: timed (a row, out of memory allowed) or long (memory)."""
+        variant = _variant(model)
+        key = f"{variant} {role} w{sampler.window} c{sampler.chunk} b{batch} f{frames}"
+        row, kept = _journaled(self.journal, key, lambda: self._run(model, batch, frames, latent_size, sampler, role))
+        self._say(("kept " if kept else "") + _row_line(variant, role, row))
+        self.progress.advance(self.task)
+        return row
+
+    def _run(self, model: WanModel, batch: int, frames: int, latent_size: tuple[int, int], sampler: SamplerSettings,
+             role: str) -> dict[str, Any]:
+        # The VAE's time grows with the batch (it decodes each stream's pixels); one stream shows its cost.
+        decoder = self.decoder if role == "timed" and batch == 1 else None
+        try:
+            warm_up = self._warm_up(model, batch, frames, latent_size, sampler)
+            return {**_measure(model, batch, frames, latent_size, sampler, decoder), **warm_up}
+        except torch.OutOfMemoryError:
+            if role != "timed":
+                raise
+            # Written down like any row: a resumed run does not try it again, nor reports a batch this
+            # process happens to fit where the first one could not.
+            return {"batch": batch, "window": sampler.window, "chunk": sampler.chunk, "oom": True}
+        finally:
+            torch.cuda.empty_cache()
+
+    def _warm_up(self, model: WanModel, batch: int, frames: int, latent_size: tuple[int, int],
+                 sampler: SamplerSettings) -> dict[str, float]:
+        """With `compile`, this process compiles each shape in a rollout of its own first: compiling (and the memory
+        the compiler takes) stays out of the rollout measured, resumed runs included."""
+        # A long rollout past the RoPE table re-indexes its positions: other code, compiled on its own.
+        positions = sampler.positions_for(frames)
+        shape = (_variant(model), batch, sampler.window, sampler.chunk, positions)
+        if not self.settings.compile or shape in self.warmed:
+            return {}
+        same = replace(sampler, positions=positions)
+        first = _measure(model, batch, sampler.window + sampler.chunk, latent_size, same)["first_chunk_s"]
+        self.warmed.add(shape)
+        self._say(f"{shape[0]} warm-up batch {batch}: first chunk {first:.1f} s")
+        return {"warm_up_first_chunk_s": first}
 
 
 def _variant(model: WanModel) -> str:
