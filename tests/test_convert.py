@@ -14,7 +14,7 @@ from mlaconvert.conversion.convert import ConvertSettings, convert_model, conver
 from mlaconvert.conversion.factorize import factorize_layer, key_energy_form
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.config import MLAConfig, WanConfig
-from mlaconvert.modeling.model import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.modeling.attention import DenseSelfAttention, LatentSelfAttention
 from mlaconvert.modeling.rope import rope_quota
 from mlaconvert.modeling.rope import Angles, grid_positions
 from mlaconvert.recipes import parse_dc

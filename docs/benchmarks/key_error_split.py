@@ -20,7 +20,8 @@ from mlaconvert.conversion.calibration import calibrate
 from mlaconvert.conversion.convert import _attn_weights, dense_layout_keys
 from mlaconvert.conversion.factorize import factorize_layer
 from mlaconvert.modeling.config import PRESETS, MLAConfig, WanConfig
-from mlaconvert.modeling.model import LatentSelfAttention, load_model
+from mlaconvert.modeling.attention import LatentSelfAttention
+from mlaconvert.modeling.model import load_model
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from mlaconvert.evaluation import world
 from mlaconvert.fields import setting
 from mlaconvert.inference.sampling import SamplerSettings, warp_timesteps
 from mlaconvert.modeling.config import MLAConfig, WanConfig
-from mlaconvert.modeling.model import DenseSelfAttention, LatentSelfAttention, load_model
+from mlaconvert.modeling.attention import DenseSelfAttention, LatentSelfAttention
+from mlaconvert.modeling.model import load_model
 from mlaconvert.modeling.rope import AXES, Angles, rope_quota
 
 INITS = ("svd", "asvd", "random")
