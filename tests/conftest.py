@@ -29,6 +29,13 @@ from mlaconvert.checkpoints.formats import wan_config_to_diffusers
 from mlaconvert.checkpoints.naming import native_to_diffusers
 from mlaconvert.modeling.config import WanConfig
 
+# Under pytest-xdist (the README's `-n auto`) each worker stands for one core: workers of one thread each, and the
+# CLI and torchrun processes the tests start inherit that. Two workers of two threads each on the 2-core CI machine
+# took 289 s for the suite, one thread each 126 s.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Fields the official Wan2.1 config.json carries; everything else (patch_size, qk_norm, text_dim, ...) is left
 # to the defaults, which is exactly what makes reading it non-trivial.
 OFFICIAL_WAN_FIELDS = ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim", "text_len")

@@ -11,12 +11,12 @@ tensors by name either way, so a run may resume with or without sharding, on any
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.model import WanModel
@@ -63,21 +63,30 @@ def gradient_sync(module: nn.Module, on: bool) -> Iterator[None]:
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered from every process when sharded (a collective), else itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
 
 
 def own_part(tensor: torch.Tensor) -> torch.Tensor:
     """What this process holds of `tensor`: its rows when sharded, else all of it."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if _is_sharded(tensor) else tensor
 
 
 def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The whole `value` held the way `param` is: on its device in its dtype, as its rows when sharded (every
     process has the whole value, so each takes its rows without communication)."""
     value = value.to(param.device, param.dtype)
-    if isinstance(param, DTensor):
+    if _is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
     return value
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2's rows of it). No DTensor exists before torch.distributed.tensor is
+    imported, which costs every command a second at start (sympy): only a process that shards imports it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def _parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
