@@ -122,6 +122,21 @@ def write_json_lines(path: str | os.PathLike, rows: Iterable[Any]) -> None:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def read_json_lines(path: str | os.PathLike) -> list[Any]:
+    """The rows of a JSON-lines file that `append_json_line` wrote. A last line that does not parse is the one a
+    kill cut short, left out; a line before it that does not parse is damage, and a one-line error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise MlaconvertError(f"'{path}' is damaged: line {number} is not JSON") from None
+    return rows
+
+
 def append_json_line(path: str | os.PathLike, row: Any) -> None:
     """One row onto a JSON-lines file, on disk before this returns: what a kill leaves is whole rows, but for
     at most the one it was writing."""

@@ -118,6 +118,9 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
         run(work, "killed", dataclasses.replace(settings, lr=2e-3), resume=True)
     with pytest.raises(MlaconvertError, match="already holds a finetune run: pass --resume"):
         run(work, "killed", settings)
+    # Step 4's row half-written, as a kill in the middle of its line leaves it: left out, and redone.
+    with (work / "killed" / "train_log.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 0.')
     resumed = run(work, "killed", settings, resume=True)
 
     a, b = weights(work / "whole"), weights(work / "killed")
@@ -130,6 +133,15 @@ def test_resume_after_a_kill_is_bit_exact_and_refuses_another_run(work: Path) ->
     assert [r["step"] for r in log] == list(range(0, 7))
     # eval_loss (every 4 steps, and the end): the same clips, noise and timesteps, so only the weights change it.
     assert [r["step"] for r in log if "eval_loss" in r] == [0, 4, 6]
+
+
+def test_a_training_log_damaged_before_its_last_line_is_a_one_line_error(tmp_path: Path) -> None:
+    from mlaconvert.training.training_run import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 0}\n{"step": 1, "lo\n{"step": 2}\n')
+    with pytest.raises(MlaconvertError, match="train_log.jsonl' is damaged: line 2 is not JSON"):
+        trim_log(log, 2)
 
 
 def test_the_export_keeps_the_checkpoint_that_scores_best_over_the_long_horizon(work: Path) -> None:

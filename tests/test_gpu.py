@@ -91,6 +91,21 @@ def test_cuda_graphs_replay_the_eager_rollout(tiny, tiny_mla, kind, positions, m
     torch.testing.assert_close(b.latents, a.latents, atol=2e-2, rtol=2e-2)
 
 
+def test_graphed_rollouts_leave_no_memory_behind(tiny_mla):
+    """Rollout after rollout with CUDA graphs, the GPU holds what it held after the first: the captures' cuBLAS
+    workspaces (one per stream, kept for the process's life) do not pile up, nor do the graphs' pools."""
+    import gc
+
+    model = load_model(tiny_mla.config, tiny_mla.state_dict, device="cuda", dtype=torch.bfloat16).eval()
+    settings = SamplerSettings(chunk=2, window=6, seed=3, graphs=True)
+    held = []
+    for _ in range(3):
+        rollout(model, torch.randn(1, 32, 64), frames=11, latent_size=(4, 6), settings=settings)
+        gc.collect()
+        held.append(torch.cuda.memory_allocated())
+    assert held[1] == held[0] and held[2] == held[0]
+
+
 @pytest.mark.parametrize("kind", ["dense", "mla"])
 def test_compiled_blocks_in_cuda_graphs_give_the_eager_rollout(tiny, tiny_mla, kind, monkeypatch):
     """The fastest path (compiled blocks, steady state as CUDA graphs) gives the eager rollout's frames at batch 1
@@ -146,7 +161,8 @@ def test_compiled_flex_attention_trains_like_the_boolean_mask(tiny_mla):
 
 def test_the_memory_plan_of_a_finetune_is_within_15_percent_of_its_peak(tmp_path):
     """A model big enough that activations and weights both count (dim 1024, 8 layers): the plan printed before
-    the first step against the peak the steps reach."""
+    the first step against the peak the steps reach. A caller's 256 MiB held on the GPU throughout are not
+    the fine-tune's: its peak leaves them out, as the plan does."""
     from mlaconvert.checkpoints.builtin import make_tiny_wan
     from mlaconvert.checkpoints.formats import save_native
     from mlaconvert.conversion.convert import convert_source
@@ -157,11 +173,13 @@ def test_the_memory_plan_of_a_finetune_is_within_15_percent_of_its_peak(tmp_path
     save_native(config, make_tiny_wan(0, config), tmp_path / "dense")
     convert_source(str(tmp_path / "dense"), tmp_path / "mla", ConvertSettings(dc=128, rope_dim=32, measure=False), device="cuda")
     plans = []
+    callers = torch.empty(2**28, dtype=torch.uint8, device="cuda")
     settings = FinetuneSettings(max_steps=3, batch=2, clips=4, held_out=2, frames=9, height=256, width=256, checkpoint_every=3)
     result = finetune(str(tmp_path / "mla"), tmp_path / "ft", settings, teacher=str(tmp_path / "dense"), device="cuda",
                       show_progress=False, on_plan=plans.append)
     peak = result.report["finetune"]["peak_memory_gib"]
-    assert peak == pytest.approx(plans[0].total / 2**30, rel=0.15)
+    assert peak == pytest.approx(plans[0].total / 2**30, rel=0.15), plans[0].rows()
+    del callers
     # The frozen tensors trained in bf16 beside float32 masters; the export keeps them as they were, bit for bit.
     from mlaconvert.training.objective import mla_parameter_names
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlaconvert.errors import MlaconvertError
-from mlaconvert.outputs import append_json_line, write_json_lines
+from mlaconvert.outputs import append_json_line, read_json_lines, write_json_lines
 
 
 SUFFIX = ".measurements.jsonl"
@@ -46,17 +46,10 @@ class BenchJournal:
             hint = (f"; '{folder}' holds {', '.join(others)}: resume with the settings and device that bench ran with"
                     if others else " (run without --resume)")
             raise MlaconvertError(f"nothing to resume: no '{self.path.name}' in '{folder}'{hint}")
-        lines = self.path.read_text().splitlines()
         try:
-            head = json.loads(lines[0])
-            entries = []
-            for line in lines[1:]:
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a process killed while writing it
-                    break
+            head, *entries = read_json_lines(self.path)
             done = {entry["key"]: entry["value"] for entry in entries}
-        except (IndexError, json.JSONDecodeError, KeyError, TypeError):
+        except (MlaconvertError, ValueError, KeyError, TypeError):
             raise MlaconvertError(f"'{self.path}' is not a bench journal; start over with --force") from None
         if not isinstance(head, dict) or head != self.identity:
             head = head if isinstance(head, dict) else {}

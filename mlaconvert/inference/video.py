@@ -98,6 +98,13 @@ class StreamingDecoder:
         self._std = torch.tensor(vae.config.latents_std, dtype=param.dtype, device=param.device).view(shape)
         self.reset()
 
+    def to(self, device: torch.device) -> StreamingDecoder:
+        """Move the VAE to `device` (a new video starts there)."""
+        self.vae.to(device)
+        self._mean, self._std = self._mean.to(device), self._std.to(device)
+        self.reset()
+        return self
+
     def reset(self) -> None:
         """Forget the previous video: the next chunk is decoded as the start of a new one."""
         self._feat_cache: list[torch.Tensor | str | None] = [None] * self._num_convs

@@ -176,7 +176,7 @@ class Trainer:
         row = {"step": self.step_count, **dict(zip(sums, means, strict=True)), "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_s": tokens / seconds, "seconds": seconds}
         if procs.device.type == "cuda":
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(procs.device) / 2**30
+            row["peak_memory_gib"] = procs.peak_memory_gib()
         return row
 
     def _with_own_context(self, clean: torch.Tensor, text: torch.Tensor, rows: slice) -> torch.Tensor:

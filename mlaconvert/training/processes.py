@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from mlaconvert.devices import choose_device
+from mlaconvert.devices import GiB, choose_device
 from mlaconvert.errors import MlaconvertError
 
 T = TypeVar("T")
@@ -32,10 +32,18 @@ class Processes:
     world: int
     device: torch.device
     owns_group: bool  # this call initialised the process group, so it tears it down
+    held_before: int = 0  # bytes the process already held on its GPU when the job began
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def peak_memory_gib(self) -> float | None:
+        """The job's own peak on its GPU since the last reset of the peak: what the process already held when the
+        job began (a caller's models, an earlier job's leftovers) is not the job's, and no memory plan counts it."""
+        if self.device.type != "cuda":
+            return None
+        return (torch.cuda.max_memory_allocated(self.device) - self.held_before) / GiB
 
     def on_main(self, work: Callable[[], T]) -> T | None:
         """`work()` on rank 0 (None elsewhere), then one barrier for all. If it raised, rank 0 raises that error
@@ -106,7 +114,7 @@ def _start(device: str | None) -> Processes:
     chosen = choose_device(device)
     cuda = chosen.type == "cuda"
     if world == 1:
-        return Processes(0, 1, chosen, False)
+        return Processes(0, 1, chosen, False, _held(chosen))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -114,4 +122,8 @@ def _start(device: str | None) -> Processes:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None, timeout=GROUP_TIMEOUT)
-    return Processes(dist.get_rank(), dist.get_world_size(), dev, owns)
+    return Processes(dist.get_rank(), dist.get_world_size(), dev, owns, _held(dev))
+
+
+def _held(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

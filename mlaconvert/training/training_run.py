@@ -29,7 +29,7 @@ import torch
 
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.modeling.config import WanConfig
-from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, write_json, write_json_lines
+from mlaconvert.outputs import atomic_dir, atomic_file, check_writable, read_json_lines, write_json, write_json_lines
 
 LOG_NAME, LOSS_PLOT, CHECKPOINT_DIR = "train_log.jsonl", "loss.png", "checkpoint"
 
@@ -127,7 +127,7 @@ def clear_output(output: Path, products: Iterable[str] = ()) -> None:
 def trim_log(path: Path, step: int, *, write: bool = True) -> list[dict[str, Any]]:
     """The log up to `step`, cut there when `write`: rows of steps after the checkpoint were lost with the killed
     run and are redone."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_json_lines(path) if path.is_file() else []
     rows = [r for r in rows if r["step"] <= step]
     if write:
         write_json_lines(path, rows)
