@@ -123,17 +123,19 @@ def write_json_lines(path: str | os.PathLike, rows: Iterable[Any]) -> None:
 
 
 def read_json_lines(path: str | os.PathLike) -> list[Any]:
-    """The rows of a JSON-lines file that `append_json_line` wrote. A last line that does not parse is the one a
-    kill cut short, left out; a line before it that does not parse is damage, and a one-line error."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines file that `append_json_line` wrote. A last line without its newline is one a kill
+    cut short: left out. Any other line that does not parse is damage: a one-line error."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            if line.strip():
+                rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):
+            if number == len(lines) and not text.endswith("\n"):
                 break
-            raise MlaconvertError(f"'{path}' is damaged: line {number} is not JSON") from None
+            raise MlaconvertError(f"'{path}' is damaged: line {number} is not JSON; start over with --force") from None
     return rows
 
 

@@ -93,7 +93,7 @@ def test_cuda_graphs_replay_the_eager_rollout(tiny, tiny_mla, kind, positions, m
 
 def test_graphed_rollouts_leave_no_memory_behind(tiny_mla):
     """Rollout after rollout with CUDA graphs, the GPU holds what it held after the first: the captures' cuBLAS
-    workspaces (one per stream, kept for the process's life) do not pile up, nor do the graphs' pools."""
+    workspaces (one per stream, kept for the process's life) do not pile up."""
     import gc
 
     model = load_model(tiny_mla.config, tiny_mla.state_dict, device="cuda", dtype=torch.bfloat16).eval()

@@ -33,7 +33,7 @@ from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation.evaluate import EvalSettings, eval_source, write_eval
 from mlaconvert.fields import check_types, setting
 from mlaconvert.modeling.rope import rope_quota
-from mlaconvert.outputs import atomic_file, check_writable, write_json
+from mlaconvert.outputs import atomic_file, check_writable, read_json_lines, write_json
 from mlaconvert.training.finetune import FinetuneSettings
 
 SCHEMA = "mlaconvert.study/1"
@@ -327,7 +327,7 @@ def cell_record(cell: Cell, folder: Path, before: dict[str, Any], after: dict[st
     """One row of study.json: what the cell keeps (cache), what truncation predicted, what was measured."""
     converted = json.loads((folder / "mla" / "rank_report.json").read_text())
     tuned = json.loads((folder / "finetuned" / "rank_report.json").read_text())
-    log = [json.loads(line) for line in (folder / "finetuned" / "train_log.jsonl").read_text().splitlines()]
+    log = read_json_lines(folder / "finetuned" / "train_log.jsonl")
     cache, ft = converted["cache"], tuned["finetune"]
     layers = converted["layers"]
     return {

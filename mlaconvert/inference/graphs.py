@@ -26,9 +26,10 @@ WARM_UP = 3  # forwards before a capture, as PyTorch's own examples run
 
 @functools.cache
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one stream every capture in this process warms up and captures on. cuBLAS keeps a workspace for each
-    stream it has run on until the process ends (pytorch/pytorch#99196): a stream of its own per capture left
-    about 64 MiB behind each capture on an H200, which a bench or an eval of many rollouts added up."""
+    """The one stream every capture in this process warms up and captures on. PyTorch keeps a cuBLAS workspace
+    for each (handle, stream) until the process ends (pytorch/pytorch#99196): a new stream per capture left about
+    33 MiB behind each one on an H200, up to the 32 streams of PyTorch's pool, which a bench or an eval of many
+    rollouts added up."""
     return torch.cuda.Stream(device)
 
 
@@ -65,19 +66,19 @@ class ChunkForward:
         return self.captured[key].replay(values)
 
     def _capture(self, values: tuple[torch.Tensor, ...], step: CacheStep) -> _Captured:
-        """Capture one forward of these shapes. Forwards first run on a side stream so that lazy set-up (cuBLAS
-        workspaces, the allocator's first blocks, compiled blocks' recompiles) happens outside the capture; they
-        write the chunk's own cache slots with the chunk's own entries, which the replay then writes again."""
+        """Capture one forward of these shapes. Forwards first run on the capture stream so that lazy set-up (its
+        cuBLAS workspace, the allocator's first blocks, compiled blocks' recompiles) happens outside the capture;
+        they write the chunk's own cache slots with the chunk's own entries, which the replay then writes again."""
         inputs = tuple(v.clone() for v in values)
         x, t, text, write_index, key_cos, key_sin, query_cos, query_sin = inputs
         static = dataclasses.replace(step, write_index=write_index, key_angles=Angles(key_cos, key_sin),
                                      query_angles=Angles(query_cos, query_sin))
         side = _capture_stream(x.device)
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
             for _ in range(WARM_UP):
                 self.model(x, t, text, cache=static)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
             output = self.model(x, t, text, cache=static)

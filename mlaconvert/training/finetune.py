@@ -175,8 +175,9 @@ class Trainer:
         tokens = s.batch * 2 * clean[0, 0].numel() // math.prod(self.student.config.patch_size)
         row = {"step": self.step_count, **dict(zip(sums, means, strict=True)), "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_s": tokens / seconds, "seconds": seconds}
-        if procs.device.type == "cuda":
-            row["peak_memory_gib"] = procs.peak_memory_gib()
+        peak = procs.peak_memory_gib()
+        if peak is not None:
+            row["peak_memory_gib"] = peak
         return row
 
     def _with_own_context(self, clean: torch.Tensor, text: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -9,6 +9,7 @@ the group's timeout (hours, since rank 0 may write and report on a 14B export fo
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -126,4 +127,7 @@ def _start(device: str | None) -> Processes:
 
 
 def _held(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    gc.collect()  # garbage the job might collect halfway would otherwise count as held, lowering its peak
+    return torch.cuda.memory_allocated(device)
