@@ -3,6 +3,8 @@ the CPU unless the user asked for it with --device cpu; and the one dtype a mode
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from mlaconvert.errors import MlaconvertError
@@ -33,3 +35,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """The dtype a model runs in on `device`: bf16 on CUDA, as Wan's streaming models are trained and served;
     float32 on the CPU, where bf16 matmuls are slow and the tiny models are checked to float precision."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def held_memory(device: torch.device) -> int:
+    """Bytes the process holds on `device` now (0 off CUDA): what a job starting now will not count as its own."""
+    if device.type != "cuda":
+        return 0
+    gc.collect()  # garbage the job might collect halfway would otherwise count as held, lowering its peak
+    return torch.cuda.memory_allocated(device)
+
+
+def job_peak_gib(device: torch.device, held_before: int) -> float | None:
+    """A job's own peak on `device` since the last reset of the peak, less what the process held when the job began
+    (a caller's models, an earlier job's leftovers), which no memory plan of the job counts. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) - held_before) / GiB

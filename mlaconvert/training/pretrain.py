@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlaconvert.devices import choose_device
+from mlaconvert.devices import choose_device, held_memory, job_peak_gib
 from mlaconvert.errors import MlaconvertError
 from mlaconvert.evaluation import world
 from mlaconvert.fields import setting
@@ -193,6 +193,7 @@ class Run:
 
     def __init__(self, settings: PretrainSettings, device: torch.device):
         self.settings, self.device = settings, device
+        self.held_before = held_memory(device)
         self.model = WanModel(settings.model)
         if settings.init:
             self.model.load_state_dict(initial_weights(settings))
@@ -233,8 +234,9 @@ class Run:
         self.step_count += 1
         row = {"step": self.step_count, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
                "own_context": own_context, "seconds": time.perf_counter() - tic}
-        if self.device.type == "cuda":
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        peak = job_peak_gib(self.device, self.held_before)
+        if peak is not None:
+            row["peak_memory_gib"] = peak
         return row
 
     @torch.no_grad()

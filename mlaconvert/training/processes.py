@@ -9,7 +9,6 @@ the group's timeout (hours, since rank 0 may write and report on a 14B export fo
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from mlaconvert.devices import GiB, choose_device
+from mlaconvert.devices import choose_device, held_memory, job_peak_gib
 from mlaconvert.errors import MlaconvertError
 
 T = TypeVar("T")
@@ -40,11 +39,8 @@ class Processes:
         return self.rank == 0
 
     def peak_memory_gib(self) -> float | None:
-        """The job's own peak on its GPU since the last reset of the peak: what the process already held when the
-        job began (a caller's models, an earlier job's leftovers) is not the job's, and no memory plan counts it."""
-        if self.device.type != "cuda":
-            return None
-        return (torch.cuda.max_memory_allocated(self.device) - self.held_before) / GiB
+        """The job's own peak on its GPU since the last reset of the peak (devices.job_peak_gib)."""
+        return job_peak_gib(self.device, self.held_before)
 
     def on_main(self, work: Callable[[], T]) -> T | None:
         """`work()` on rank 0 (None elsewhere), then one barrier for all. If it raised, rank 0 raises that error
@@ -115,7 +111,7 @@ def _start(device: str | None) -> Processes:
     chosen = choose_device(device)
     cuda = chosen.type == "cuda"
     if world == 1:
-        return Processes(0, 1, chosen, False, _held(chosen))
+        return Processes(0, 1, chosen, False, held_memory(chosen))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -123,11 +119,4 @@ def _start(device: str | None) -> Processes:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None, timeout=GROUP_TIMEOUT)
-    return Processes(dist.get_rank(), dist.get_world_size(), dev, owns, _held(dev))
-
-
-def _held(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    gc.collect()  # garbage the job might collect halfway would otherwise count as held, lowering its peak
-    return torch.cuda.memory_allocated(device)
+    return Processes(dist.get_rank(), dist.get_world_size(), dev, owns, held_memory(dev))
