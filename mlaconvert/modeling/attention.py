@@ -207,10 +207,9 @@ class LatentSelfAttention(Attention):
             raise ValueError("latent attention caches its rope key unrotated (rotates_at_write is False)")
         c, r = entries
         k_c = self.k_up(c)
-        pairs = r.float().unflatten(-1, (-1, 2))
         scale = self.key_scale(k_c, r)
         k_c = (k_c * scale.to(k_c.dtype)).unflatten(-1, (self.num_heads, self.nope_dim))
-        k_r = self.rotary.apply((pairs.flatten(-2) * scale).to(k_c.dtype), *self.rotary.cos_sin(angles))
+        k_r = self.rotary.apply((r.float() * scale).to(k_c.dtype), *self.rotary.cos_sin(angles))
         k = torch.cat([k_c, k_r.unsqueeze(-2).expand(*k_c.shape[:-1], self.rope_dim)], dim=-1)
         v = self.v_up(c).unflatten(-1, (self.num_heads, self.head_dim))
         return k, v
