@@ -35,13 +35,10 @@ def gram_key(att: LatentSelfAttention):
     block[:, :nope, dc] = b.view(heads, nope)
     block[:, nope:, dc + 1 : dc + 1 + rope] = torch.eye(rope, dtype=torch.float64, device=w.device)
     block = block.reshape(heads * head_dim, width).to(torch.bfloat16)
-    form = att.k_rope_norm.float()
 
     def keys(c: torch.Tensor, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x, y = r.float().unflatten(-1, (-1, 2)).unbind(-1)
-        rope_energy = (x * x * form[:, 0, 0] + x * y * (form[:, 0, 1] + form[:, 1, 0]) + y * y * form[:, 1, 1]).sum(-1, keepdim=True)
         cf = c.float()
-        energy = (c @ p.T).float().pow(2).sum(-1, keepdim=True) + 2 * (cf * wb).sum(-1, keepdim=True) + bb + rope_energy
+        energy = (c @ p.T).float().pow(2).sum(-1, keepdim=True) + 2 * (cf * wb).sum(-1, keepdim=True) + bb + att.rope_energy(r)
         s = torch.rsqrt(energy / (heads * head_dim) + att.eps)
         pad = s.new_zeros(c.shape[0], width - dc - 1 - rope)
         inputs = torch.cat([cf * s, s, att.rotary.apply(r.float() * s, cos, sin), pad], -1).to(torch.bfloat16)

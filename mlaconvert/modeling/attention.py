@@ -173,16 +173,19 @@ class LatentSelfAttention(Attention):
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.kv_down(x), self.k_rope(x)
 
-    def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
+    def rope_energy(self, r: torch.Tensor) -> torch.Tensor:
+        """The energy (..., 1) of all heads' rope dims that the rope key r stands for: one 2x2 form per pair."""
         a, b = r.float().unflatten(-1, (-1, 2)).unbind(-1)
         form = self.k_rope_norm.float()
         # Each pair's 2x2 form written out, for the reason `mix_pairs` gives (0.8 ms as an einsum on an H200).
         quadratic = a * a * form[:, 0, 0] + a * b * (form[:, 0, 1] + form[:, 1, 0]) + b * b * form[:, 1, 1]
-        rope_energy = quadratic.sum(-1, keepdim=True)
+        return quadratic.sum(-1, keepdim=True)
+
+    def key_scale(self, k_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The per-token key scale s (..., 1) from the content key k_up(c) and the rope key r."""
         # The norm is reduced in float32 without a float32 copy of the whole window's content keys.
         norm_dtype = torch.promote_types(k_c.dtype, torch.float32)
-        energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + rope_energy
+        energy = torch.linalg.vector_norm(k_c, dim=-1, keepdim=True, dtype=norm_dtype).pow(2) + self.rope_energy(r)
         return torch.rsqrt(energy / (self.num_heads * self.head_dim) + self.eps)
 
     def head_keys(self, entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
